@@ -1,0 +1,470 @@
+"""Data for GANji: built-in kanji rendered from a CJK font, image folders, MNIST and CIFAR-10.
+
+Every dataset becomes one uint8 tensor (N, C, H, W) with ink bright on a dark background, kept on the
+training device and batched by `Batches` (seeded shuffle, cast and normalize on the device).
+The bottom of the file holds the small run-folder helpers the three training scripts share
+(common flags, device, checkpoints, metrics, grids), so each script keeps only its model and loop.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KANJI_RANGE = (0x4E00, 0x9FFF)  # CJK Unified Ideographs
+FORMAT_VERSION = 1  # checkpoint format; bump when an older file can no longer be read
+KINDS = ("vae", "gan", "ddpm")
+
+
+class GanjiError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fonts: which code points a font really has (its cmap), and rendering them in a fixed em box
+
+def default_font():
+    try:
+        import pylopdf_fonts_jp
+    except ImportError:
+        raise GanjiError("the default kanji font needs the package pylopdf-fonts-jp "
+                         "(pip install -r requirements.txt), or pass --font PATH")
+    return str(pylopdf_fonts_jp.serif_path())
+
+
+def font_codepoints(path, lo=KANJI_RANGE[0], hi=KANJI_RANGE[1]):
+    """Sorted code points in [lo, hi] that the font's cmap maps to a real glyph (TTF, OTF or TTC).
+
+    PIL draws a tofu box for a missing glyph instead of failing, so the cmap is the only honest source.
+    """
+    with open(path, "rb") as f:
+        buf = f.read()
+    u16 = lambda o: struct.unpack_from(">H", buf, o)[0]
+    u32 = lambda o: struct.unpack_from(">I", buf, o)[0]
+    base = u32(12) if buf[:4] == b"ttcf" else 0  # a collection: use its first font
+    if buf[base:base + 4] not in (b"\x00\x01\x00\x00", b"OTTO", b"true"):
+        raise GanjiError(f"{path}: not a TrueType/OpenType font")
+    cmap = None
+    for i in range(u16(base + 4)):
+        rec = base + 12 + 16 * i
+        if buf[rec:rec + 4] == b"cmap":
+            cmap = u32(rec + 8)
+    if cmap is None:
+        raise GanjiError(f"{path}: font has no cmap table")
+    found = set()
+    for i in range(u16(cmap + 2)):
+        platform, encoding, off = struct.unpack_from(">HHI", buf, cmap + 4 + 8 * i)
+        if not (platform == 0 or (platform == 3 and encoding in (1, 10))):
+            continue  # not a Unicode subtable
+        sub = cmap + off
+        fmt = u16(sub)
+        if fmt == 12:  # groups of (start, end, first glyph id)
+            for g in range(u32(sub + 12)):
+                start, end, gid = struct.unpack_from(">III", buf, sub + 16 + 12 * g)
+                for c in range(max(start, lo), min(end, hi) + 1):
+                    if gid + c - start:
+                        found.add(c)
+        elif fmt == 4:  # segments with a delta or an index into glyphIdArray
+            n = u16(sub + 6) // 2
+            ends, starts, deltas, ranges = (sub + 14, sub + 16 + 2 * n, sub + 16 + 4 * n, sub + 16 + 6 * n)
+            for s in range(n):
+                start, end = u16(starts + 2 * s), u16(ends + 2 * s)
+                delta, roff = u16(deltas + 2 * s), u16(ranges + 2 * s)
+                for c in range(max(start, lo), min(end, hi, 0xFFFE) + 1):
+                    if roff == 0:
+                        gid = (c + delta) & 0xFFFF
+                    else:
+                        gid = u16(ranges + 2 * s + roff + 2 * (c - start))
+                        gid = (gid + delta) & 0xFFFF if gid else 0
+                    if gid:
+                        found.add(c)
+    return sorted(found)
+
+
+def render_glyphs(font_path, codepoints, image_size, progress=True):
+    """Render code points as (N, 1, S, S) uint8, ink = 255, every glyph at one scale and offset.
+
+    The em box is the union of all glyphs' ink boxes at a reference size, scaled to fit the image
+    with a margin of S/16 pixels: a thin 一 stays thin and in place instead of being stretched.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from tqdm import tqdm
+
+    ref, canvas = 128, 256  # reference em size and a canvas large enough for any glyph at that size
+    font = ImageFont.truetype(font_path, ref)
+    boxes = []
+    for c in tqdm(codepoints, desc="measuring glyphs", disable=not progress, leave=False):
+        im = Image.new("L", (canvas, canvas))
+        ImageDraw.Draw(im).text((canvas // 4, canvas * 3 // 4), chr(c), fill=255, font=font, anchor="ls")
+        if im.getbbox():
+            boxes.append(im.getbbox())
+    if not boxes:
+        raise GanjiError(f"{font_path}: no kanji glyph renders with ink")
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    margin = max(1, round(image_size / 16))
+    scale = (image_size - 2 * margin) / max(x1 - x0, y1 - y0)
+    font = ImageFont.truetype(font_path, ref * scale)
+    # the origin maps the union box's centre to the image centre
+    ox = image_size / 2 + (canvas // 4 - (x0 + x1) / 2) * scale
+    oy = image_size / 2 + (canvas * 3 // 4 - (y0 + y1) / 2) * scale
+    out = torch.empty(len(codepoints), 1, image_size, image_size, dtype=torch.uint8)
+    for i, c in enumerate(tqdm(codepoints, desc="rendering kanji", disable=not progress, leave=False)):
+        im = Image.new("L", (image_size, image_size))
+        ImageDraw.Draw(im).text((ox, oy), chr(c), fill=255, font=font, anchor="ls")
+        out[i, 0] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size)
+    return out
+
+
+def load_kanji(font=None, image_size=64, cache_dir="data", progress=True):
+    """All kanji of a font as (images uint8 (N,1,S,S), code points (N,)), cached on disk.
+
+    Blank renders and renders identical to an earlier one are dropped. The cache key is the font
+    file's hash, the size and the code range, so a different font or size never reads a stale file.
+    """
+    font = font or default_font()
+    if not os.path.isfile(font):
+        raise GanjiError(f"font file not found: {font}")
+    with open(font, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    name = f"kanji-{digest}-{image_size}px-{KANJI_RANGE[0]:04x}-{KANJI_RANGE[1]:04x}.pt"
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+        try:
+            cached = torch.load(path, weights_only=True)
+            return cached["images"], cached["codepoints"]
+        except Exception:
+            pass  # a damaged cache file is rebuilt below
+    cps = font_codepoints(font)
+    images = render_glyphs(font, cps, image_size, progress)
+    keep, seen = [], set()
+    for i in range(len(cps)):
+        if images[i].amax() < 64:
+            continue  # blank (or nearly): no stroke reaches a quarter of full ink
+        h = hashlib.md5(images[i].numpy().tobytes()).digest()
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    keep = torch.tensor(keep, dtype=torch.long)
+    images, cps = images[keep].contiguous(), torch.tensor(cps, dtype=torch.int32)[keep]
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_save({"images": images, "codepoints": cps}, path)
+    return images, cps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other sources: a folder of images, MNIST, CIFAR-10
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_folder(folder, image_size, channels, invert=False):
+    """Every image file under `folder` (recursively) as (N, C, S, S) uint8; unreadable files are skipped."""
+    from PIL import Image
+
+    if not os.path.isdir(folder):
+        raise GanjiError(f"dataset folder not found: {folder}")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if not f.startswith("."))
+    images, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
+                t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                images.append(t.view(image_size, image_size, channels).permute(2, 0, 1))
+        except Exception:
+            bad.append(os.path.basename(path))
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        print(f"warning: skipped {len(bad)} unreadable file(s) in {folder}: {shown}", file=sys.stderr)
+    if not images:
+        raise GanjiError(f"no readable images in {folder}")
+    x = torch.stack(images)
+    return 255 - x if invert else x
+
+
+def load_torchvision(name, data_dir, download=True):
+    """MNIST or CIFAR-10 training split through torchvision, as (N, C, H, W) uint8."""
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
+    where = os.path.join(data_dir, "MNIST/raw" if name == "mnist" else "cifar-10-batches-py")
+    try:
+        ds = cls(data_dir, train=True, download=False)
+    except RuntimeError:
+        if not download:
+            raise GanjiError(f"{name} files not found in {where}")
+        try:
+            ds = cls(data_dir, train=True, download=True)
+        except Exception as e:
+            raise GanjiError(f"could not download {name} ({type(e).__name__}); "
+                             f"put the original files in {where} and run again")
+    x = torch.as_tensor(ds.data)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def resize(images, image_size):
+    """uint8 (N, C, H, W) -> (N, C, S, S), antialiased; done once at load time, never per batch."""
+    if images.shape[-1] == image_size and images.shape[-2] == image_size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        y = F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out.append(y.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def set_channels(images, channels):
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma
+    return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor    # (N, C, S, S) uint8, ink/foreground bright
+    name: str
+    display_invert: bool    # True: show as black ink on white paper (kanji and glyph folders)
+    labels: torch.Tensor = None  # kanji: Unicode code points (N,)
+
+
+NATIVE = {"kanji": (64, 1), "mnist": (32, 1), "cifar10": (32, 3)}  # default (image size, channels)
+
+
+def load_dataset(name="kanji", image_size=None, channels=None, limit=None, data_dir="data",
+                 font=None, invert=False, progress=True, download=True):
+    """One call for every source; None for image_size/channels means the dataset's native default."""
+    size0, ch0 = NATIVE.get(name, (64, 1))
+    image_size, channels = image_size or size0, channels or ch0
+    if image_size < 8 or channels not in (1, 3):
+        raise GanjiError(f"unsupported image size {image_size} or channel count {channels}")
+    labels = None
+    if name == "kanji":
+        images, labels = load_kanji(font, image_size, data_dir, progress)
+    elif name in ("mnist", "cifar10"):
+        images = resize(load_torchvision(name, data_dir, download), image_size)
+    else:
+        images = load_folder(name, image_size, channels, invert)
+    if invert and name in NATIVE:
+        images = 255 - images
+    images = set_channels(images, channels)
+    if limit is not None:
+        if limit < 1:
+            raise GanjiError(f"--limit must be at least 1, got {limit}")
+        images = images[:limit]
+        labels = labels[:limit] if labels is not None else None
+    glyphs = name == "kanji" or (name not in NATIVE and channels == 1)
+    return Dataset(images.contiguous(), name, glyphs, labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalization and batching
+
+def normalize(x, norm):
+    """uint8 [0, 255] -> float in [0, 1] ("01", VAE) or [-1, 1] ("11", GAN and DDPM)."""
+    x = x.float() / 255
+    return x if norm == "01" else x * 2 - 1
+
+
+def denormalize(x, norm):
+    """Model space back to [0, 1] for pictures and metrics."""
+    x = x.float()
+    return (x if norm == "01" else (x + 1) / 2).clamp(0, 1)
+
+
+class Batches:
+    """Seeded shuffled minibatches of a uint8 image tensor, cast and normalized on the device.
+
+    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches;
+    `start` skips batches already done in an interrupted epoch. The last batch may be smaller.
+    """
+
+    def __init__(self, images, batch_size, device, norm, seed=0, hflip=False, channels_last=False):
+        device = torch.device(device)
+        fits = device.type == "cpu" or images.numel() < 0.25 * _free_memory(device)
+        self.x = images.to(device) if fits else images.pin_memory()
+        self.n, self.batch_size, self.device = len(images), batch_size, device
+        self.norm, self.seed, self.hflip, self.channels_last = norm, seed, hflip, channels_last
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def epoch(self, epoch, start=0):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        flips = torch.rand(self.n, generator=g) < 0.5
+        for i in range(start * self.batch_size, self.n, self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            x = self.x[idx.to(self.x.device)].to(self.device, non_blocking=True)
+            x = normalize(x, self.norm)
+            if self.hflip:
+                f = flips[idx].to(self.device).view(-1, 1, 1, 1)
+                x = torch.where(f, x.flip(-1), x)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x
+
+
+def _free_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return float("inf")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared run-folder helpers: flags, device, checkpoints, metrics and grids
+
+def add_common_args(parser, *, epochs, batch_size, lr, precision="bf16", sample_every=1):
+    """The flags every training script has, with the same names and meanings."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="kanji",
+                   help="kanji (rendered from a font) | mnist | cifar10 | a folder of images (default: %(default)s)")
+    g.add_argument("--data-dir", default="data",
+                   help="downloads and the kanji render cache go here (default: %(default)s)")
+    g.add_argument("--font", default=None,
+                   help="TTF/OTF/TTC for --dataset kanji (default: Noto Serif JP from pylopdf-fonts-jp)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side in pixels; MNIST's 28x28 is resized to it (default: 64 kanji/folder, 32 mnist/cifar10)")
+    g.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                   help="1 or 3 (default: 3 for cifar10, else 1)")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N images (default: all)")
+    g.add_argument("--invert", action="store_true", help="invert a dark-ink-on-white source (default: off)")
+    g.add_argument("--hflip", action="store_true",
+                   help="random horizontal flips (default: off; a mirrored kanji is not a kanji)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help="total epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
+    g.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
+                   help="bf16 autocast or plain fp32 (default: %(default)s)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks (default: off)")
+    g.add_argument("--width", type=float, default=1.0,
+                   help="channel multiplier; 1.0 is the reference architecture (default: %(default)s)")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<model>_<dataset>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
+    g.add_argument("--sample-every", type=int, default=sample_every,
+                   help="save a sample grid every N epochs (default: %(default)s)")
+    g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")
+    return parser
+
+
+def data_from_args(args, progress=True):
+    return load_dataset(args.dataset, args.image_size, args.channels, args.limit, args.data_dir,
+                        args.font, args.invert, progress)
+
+
+def pick_device(name="auto"):
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise GanjiError(f"--device {name} asked for, but it is not available on this machine")
+    return torch.device(name)
+
+
+def autocast(device, precision):
+    """bf16 autocast on CPU and CUDA when asked; a no-op context otherwise."""
+    on = precision == "bf16" and device.type in ("cpu", "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None, map_location="cpu"):
+    """A checkpoint dict, or GanjiError with one clear line. Never runs code from the file."""
+    if not os.path.isfile(path):
+        raise GanjiError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:
+        raise GanjiError(f"{path} is not a readable checkpoint (truncated, damaged or another format)")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in KINDS:
+        raise GanjiError(f"{path} is not a GANji checkpoint")
+    if kind not in (None, "auto") and ckpt["kind"] != kind:
+        raise GanjiError(f"{path} is a {ckpt['kind']} checkpoint, not {kind}")
+    if ckpt.get("version") != FORMAT_VERSION:
+        raise GanjiError(f"{path} has checkpoint format version {ckpt.get('version')}; "
+                         f"this GANji reads version {FORMAT_VERSION}")
+    return ckpt
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Appends one JSON object per line to run_dir/metrics.jsonl (kept across --resume)."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+
+
+def write_config(run_dir, config):
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def to_picture(x01, display_invert):
+    """[0, 1] images (ink bright) -> what a person sees: glyphs black on white, photos as they are."""
+    x01 = x01.detach().float().cpu()
+    return 1 - x01 if display_invert else x01
+
+
+def save_grid(x01, path, display_invert, nrow=8):
+    from torchvision.utils import save_image
+    save_image(to_picture(x01, display_invert), path, nrow=nrow, padding=2,
+               pad_value=1.0 if display_invert else 0.0)
+
+
+def cli(main):
+    """Run main(); bad input becomes one line on stderr and exit code 2."""
+    try:
+        return main()
+    except GanjiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare (render or download) a dataset and print its shape.")
+    add_common_args(p, epochs=1, batch_size=64, lr=1e-3)
+    args = p.parse_args(argv)
+    ds = data_from_args(args)
+    print(f"{ds.name}: {tuple(ds.images.shape)} uint8, cached/stored under {args.data_dir}")
+
+
+if __name__ == "__main__":
+    cli(main)
