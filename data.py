@@ -359,6 +359,8 @@ def add_common_args(parser, *, epochs, batch_size, lr, precision="bf16", sample_
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
     g.add_argument("--sample-every", type=int, default=sample_every,
                    help="save a sample grid every N epochs (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="write a metrics.jsonl row every N steps (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")
     return parser
 
