@@ -392,12 +392,15 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, kind=None, map_location="cpu"):
-    """A checkpoint dict, or GanjiError with one clear line. Never runs code from the file."""
+def load_checkpoint(path, kind=None, map_location="cpu", mmap=False):
+    """A checkpoint dict, or GanjiError with one clear line. Never runs code from the file.
+
+    mmap=True maps tensors lazily: a cheap way to read kind/config/epoch of a large file.
+    """
     if not os.path.isfile(path):
         raise GanjiError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception:
         raise GanjiError(f"{path} is not a readable checkpoint (truncated, damaged or another format)")
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in KINDS:

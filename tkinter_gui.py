@@ -1,0 +1,222 @@
+"""A window that generates fake kanji from any GANji checkpoint (VAE, GAN or DDPM).
+
+    python tkinter_gui.py                 # lists the checkpoints under runs/
+    python tkinter_gui.py --runs other/   # or under another folder; "Open..." takes any file
+
+Generation runs in a worker thread; the Tk main loop polls a queue, so the window never freezes.
+"""
+import argparse
+import base64
+import glob
+import io
+import os
+import queue
+import threading
+import tkinter as tk
+from tkinter import filedialog, ttk
+
+import data
+import sample
+
+def find_checkpoints(runs_dir):
+    """[(path, 'kind  dataset  epoch N')] for every readable ckpt.pt under runs_dir."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(runs_dir, "**", "*.pt"), recursive=True)):
+        try:
+            ck = data.load_checkpoint(path, mmap=True)
+        except data.GanjiError:
+            continue
+        dataset = os.path.basename(str(ck["config"].get("dataset", "?")).rstrip("/"))
+        found.append((path, f"{ck['kind']:<5} {dataset:<10} epoch {ck.get('epoch', '?'):<4} {path}"))
+    return found
+
+
+class App:
+    def __init__(self, root, runs_dir="runs"):
+        self.root, self.runs_dir = root, runs_dir
+        self.jobs = queue.Queue()   # worker -> UI messages: ("progress", i, total) | ("done", ...) | ("error", msg)
+        self.models = {}            # path -> (module, net, cfg), loaded once
+        self.paths, self.busy, self.frames, self.png, self.after_id = [], False, [], None, None
+        self.device = data.pick_device("auto")
+        root.title("GANji: fake kanji generator")
+
+        left = ttk.Frame(root, padding=8)
+        left.grid(row=0, column=0, sticky="ns")
+        ttk.Label(left, text=f"Checkpoints under {runs_dir}/").pack(anchor="w")
+        self.listbox = tk.Listbox(left, width=58, height=14, font="TkFixedFont", exportselection=False)
+        self.listbox.pack(fill="y", expand=True)
+        row = ttk.Frame(left)
+        row.pack(fill="x", pady=4)
+        ttk.Button(row, text="Open...", command=self.open_file).pack(side="left")
+        ttk.Button(row, text="Refresh", command=self.refresh).pack(side="left", padx=4)
+
+        opts = ttk.LabelFrame(left, text="Options", padding=6)
+        opts.pack(fill="x", pady=4)
+        self.seed = tk.IntVar(value=0)
+        self.sampler = tk.StringVar(value="ddim")
+        self.steps = tk.IntVar(value=50)
+        ttk.Label(opts, text="Seed").grid(row=0, column=0, sticky="w")
+        ttk.Spinbox(opts, from_=0, to=2**31 - 1, textvariable=self.seed, width=10).grid(row=0, column=1, sticky="w")
+        ttk.Button(opts, text="Next seed", command=lambda: self.seed.set(self.seed.get() + 1)).grid(row=0, column=2)
+        ttk.Label(opts, text="DDPM sampler").grid(row=1, column=0, sticky="w")
+        ttk.Combobox(opts, textvariable=self.sampler, values=("ddim", "ancestral"), width=10,
+                     state="readonly").grid(row=1, column=1, sticky="w")
+        ttk.Label(opts, text="DDIM steps").grid(row=2, column=0, sticky="w")
+        ttk.Spinbox(opts, from_=1, to=1000, textvariable=self.steps, width=10).grid(row=2, column=1, sticky="w")
+
+        buttons = ttk.Frame(left)
+        buttons.pack(fill="x", pady=4)
+        self.generate_button = ttk.Button(buttons, text="Generate Kanji", command=self.generate)
+        self.generate_button.pack(side="left")
+        self.morph_button = ttk.Button(buttons, text="Morph", command=lambda: self.generate(morph=True))
+        self.morph_button.pack(side="left", padx=4)
+        ttk.Button(buttons, text="Save PNG...", command=self.save_png).pack(side="left")
+        self.progress = ttk.Progressbar(left, mode="determinate", maximum=1.0)
+        self.progress.pack(fill="x", pady=4)
+        self.status = tk.StringVar(value="Pick a checkpoint, then Generate Kanji.")
+        ttk.Label(left, textvariable=self.status, wraplength=420, foreground="#333").pack(anchor="w")
+
+        self.view = ttk.Label(root, padding=8, background="white")
+        self.view.grid(row=0, column=1, sticky="nsew")
+        root.columnconfigure(1, weight=1)
+        root.rowconfigure(0, weight=1)
+        self.refresh()
+        root.after(50, self.poll)
+
+    # -- checkpoint list
+    def refresh(self):
+        self.listbox.delete(0, "end")
+        self.paths = []
+        for path, label in find_checkpoints(self.runs_dir):
+            self.add(path, label)
+        if self.paths:
+            self.listbox.selection_set(0)
+
+    def add(self, path, label):
+        self.paths.append(path)
+        self.listbox.insert("end", label)
+
+    def select(self, path):
+        """Select path in the list, adding it first if it is not there (what "Open..." does)."""
+        path = os.path.abspath(path)
+        known = [os.path.abspath(p) for p in self.paths]
+        if path not in known:
+            self.add(path, f"{'file':<5} {'':<10} {'':<10} {path}")
+            known.append(path)
+        self.listbox.selection_clear(0, "end")
+        self.listbox.selection_set(known.index(path))
+
+    def open_file(self):
+        path = filedialog.askopenfilename(title="Open a GANji checkpoint",
+                                          filetypes=[("PyTorch checkpoint", "*.pt"), ("All files", "*")])
+        if path:
+            self.select(path)
+
+    # -- generation (worker thread) and display (UI thread)
+    def generate(self, morph=False):
+        if self.busy:
+            return
+        sel = self.listbox.curselection()
+        if not sel:
+            self.status.set("Pick a checkpoint first (or Open... one).")
+            return
+        try:
+            seed, steps = int(self.seed.get()), int(self.steps.get())
+        except (tk.TclError, ValueError):
+            self.status.set("Seed and steps must be whole numbers.")
+            return
+        self.busy = True
+        self.progress["value"] = 0
+        self.status.set("Generating..." if not morph else "Morphing...")
+        args = (self.paths[sel[0]], seed, self.sampler.get(), max(1, steps), morph)
+        threading.Thread(target=self.work, args=args, daemon=True).start()
+
+    def work(self, path, seed, sampler, steps, morph):
+        try:
+            if path not in self.models:
+                self.models[path] = sample.load_any("auto", path, self.device)
+            mod, net, cfg = self.models[path]
+            progress = lambda i, total: self.jobs.put(("progress", i + 1, total))
+            if morph:  # 16 cells, each morphing through 12 frames
+                x = sample.generate(mod, net, cfg, 16 * 12, 12, seed, self.device, True, progress,
+                                    sampler="ddim", steps=min(steps, 20), eta=0.0)
+                frames = [x.view(16, 12, *x.shape[1:])[:, k] for k in range(12)]
+            else:
+                frames = [sample.generate(mod, net, cfg, 16, 4, seed, self.device, False, progress,
+                                          sampler=sampler, steps=steps, eta=0.0)]
+            pngs = [self.to_png(f, cfg["display_invert"]) for f in frames]
+            self.jobs.put(("done", pngs, f"{mod.KIND} from {path}, seed {seed}"))
+        except data.GanjiError as e:
+            self.jobs.put(("error", str(e)))
+        except Exception as e:  # shown in the window, never a crash
+            self.jobs.put(("error", f"{type(e).__name__}: {e}"))
+
+    @staticmethod
+    def to_png(images, display_invert):
+        from torchvision.utils import make_grid
+        from PIL import Image
+
+        grid = make_grid(data.to_picture(images, display_invert), nrow=4, padding=2,
+                         pad_value=1.0 if display_invert else 0.0)
+        arr = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
+        im = Image.fromarray(arr[..., 0] if images.shape[1] == 1 else arr)
+        scale = max(1, round(520 / im.width))  # about 520 px wide whatever the image size
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def poll(self):
+        try:
+            while True:
+                msg = self.jobs.get_nowait()
+                if msg[0] == "progress":
+                    self.progress["value"] = msg[1] / msg[2]
+                elif msg[0] == "done":
+                    self.busy = False
+                    self.progress["value"] = 1.0
+                    self.show(msg[1])
+                    self.status.set(f"Showing {msg[2]}.")
+                else:
+                    self.busy = False
+                    self.progress["value"] = 0
+                    self.status.set(f"Error: {msg[1]}")
+        except queue.Empty:
+            pass
+        self.root.after(50, self.poll)
+
+    def show(self, pngs, k=0):
+        """Show one PNG, or loop through morph frames forth and back at 8 frames/s."""
+        if self.after_id:
+            self.root.after_cancel(self.after_id)
+            self.after_id = None
+        self.frames = pngs
+        order = list(range(len(pngs))) + list(range(len(pngs) - 2, 0, -1))
+        self.png = pngs[order[k % len(order)]]
+        self.photo = tk.PhotoImage(data=base64.b64encode(self.png))
+        self.view.configure(image=self.photo)
+        if len(pngs) > 1:
+            self.after_id = self.root.after(125, self.show, pngs, k + 1)
+
+    def save_png(self):
+        if not self.png:
+            self.status.set("Nothing generated yet.")
+            return
+        path = filedialog.asksaveasfilename(defaultextension=".png", filetypes=[("PNG", "*.png")])
+        if path:
+            with open(path, "wb") as f:
+                f.write(self.png)
+            self.status.set(f"Saved {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="A window that samples any GANji checkpoint.")
+    p.add_argument("--runs", default="runs", help="folder searched for checkpoints (default: %(default)s)")
+    args = p.parse_args(argv)
+    root = tk.Tk()
+    App(root, args.runs)
+    root.mainloop()
+
+
+if __name__ == "__main__":
+    data.cli(main)
