@@ -353,6 +353,8 @@ def add_common_args(parser, *, epochs, batch_size, lr, precision="bf16", sample_
     g.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
                    help="bf16 autocast or plain fp32 (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (default: off)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout for the conv nets (default: on)")
     g.add_argument("--width", type=float, default=1.0,
                    help="channel multiplier; 1.0 is the reference architecture (default: %(default)s)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<model>_<dataset>)")
