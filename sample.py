@@ -28,12 +28,11 @@ def load_any(kind, path, device="cpu"):
 
 def generate(mod, net, cfg, n=16, nrow=4, seed=0, device="cpu", interpolate=False, progress=None, **kw):
     """[0, 1] images, ink bright: n samples, or n // nrow rows of an nrow-step morph."""
-    if mod.KIND == "ddpm":
-        kw["progress"] = progress
-    else:
-        kw = {}
-    if interpolate:
+    ddpm = mod.KIND == "ddpm"
+    if interpolate:  # DDPM morphs through deterministic DDIM, so only the step count applies
+        kw = {"ddim_steps": kw.get("steps", 50), "progress": progress} if ddpm else {}
         return mod.interpolate(net, cfg, max(1, n // nrow), nrow, seed=seed, device=device, **kw)
+    kw = {**kw, "progress": progress} if ddpm else {}
     return mod.sample(net, cfg, n, seed=seed, device=device, **kw)
 
 
