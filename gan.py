@@ -1,0 +1,471 @@
+"""GANji GAN: a ResNet generator and discriminator trained with the hinge loss and a gradient penalty.
+
+    python gan.py                                          # built-in kanji, 64x64, reference width 1.0
+    python gan.py --dataset mnist --epochs 20              # MNIST at 32x32
+    python gan.py --width 0.25 --limit 2000 --epochs 2 --out runs/gan_small
+    python gan.py --width 0.25 --limit 2000 --epochs 3 --out runs/gan_small --resume
+
+Generator: z (latent_dim) -> linear -> 512 x S/16 x S/16 -> 4 residual up blocks (512 -> 128 channels,
+BatchNorm) -> BN, ReLU, conv3x3, tanh -> image in [-1, 1].
+Discriminator: 4 residual down blocks (128 -> 512 channels, no normalization, so that each score depends on
+its own image only, as the gradient penalty assumes) -> ReLU, global average pool -> linear -> one score.
+Losses: hinge (default), wasserstein or non-saturating bce, plus --gp * E[(||grad_x D(x_hat)|| - 1)^2] on
+x_hat = a * real + (1 - a) * fake with one a ~ U(0, 1) per image. Samples come from an EMA copy of G.
+"""
+import argparse
+import copy
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+KIND = "gan"
+NORM = "11"  # images in [-1, 1], the range of the generator's tanh
+G_CHANNELS = (512, 256, 128, 128, 128)  # the latent tensor, then the output of each of the 4 up blocks
+D_CHANNELS = (128, 128, 256, 512)  # the output of each of the 4 down blocks
+# on --resume these come from the command line, everything else from the checkpoint's config
+RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", "resume", "sample_every",
+            "log_every", "dry_run", "data_dir")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train the GANji ResNet GAN (hinge loss + gradient penalty).")
+    data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4, precision="bf16", sample_every=1)
+    g = p.add_argument_group("gan")
+    g.add_argument("--latent-dim", type=int, default=128, help="size of the latent z (default: %(default)s)")
+    g.add_argument("--loss", default="hinge", choices=("hinge", "wasserstein", "bce"),
+                   help="adversarial loss; bce is the non-saturating one (default: %(default)s)")
+    g.add_argument("--gp", type=float, default=10.0,
+                   help="weight of the gradient penalty (||grad D|| - 1)^2; 0 = off (default: %(default)s)")
+    g.add_argument("--n-critic", type=int, default=1,
+                   help="discriminator steps per generator step, on the same batch (default: %(default)s)")
+    g.add_argument("--lr-d", type=float, default=None,
+                   help="discriminator learning rate; --lr is the generator's (default: same as --lr)")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], metavar=("B1", "B2"),
+                   help="Adam betas of the generator (default: %(default)s)")
+    g.add_argument("--betas-d", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="Adam betas of the discriminator (default: same as --betas)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample from an exponential moving average of the generator's weights (default: on)")
+    g.add_argument("--ema-decay", type=float, default=0.999,
+                   help="EMA decay, ramped up as min(decay, (1 + step) / (10 + step)) (default: %(default)s)")
+    return p
+
+
+def config_from_args(args):
+    """vars(args) plus the real image size, channels and display inversion, and the resolved D optimizer."""
+    cfg = dict(vars(args))
+    size0, ch0 = data.NATIVE.get(args.dataset, (64, 1))
+    cfg["image_size"] = args.image_size or size0
+    cfg["channels"] = args.channels or ch0
+    cfg["display_invert"] = args.dataset == "kanji" or (args.dataset not in data.NATIVE and cfg["channels"] == 1)
+    cfg["lr_d"] = args.lr if args.lr_d is None else args.lr_d
+    cfg["betas_d"] = args.betas if args.betas_d is None else args.betas_d
+    cfg["kind"] = KIND
+    if cfg["image_size"] % 16 or cfg["image_size"] < 32:
+        raise data.GanjiError(f"the GAN needs an --image-size that is a multiple of 16 and at least 32, "
+                              f"got {cfg['image_size']}")
+    if args.n_critic < 1:
+        raise data.GanjiError(f"--n-critic must be at least 1, got {args.n_critic}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+def scaled(channels, width):
+    return [max(4, round(c * width)) for c in channels]
+
+
+def xavier(layer, gain=1.0):
+    """Xavier-uniform weights, zero bias. Gain sqrt(2) for the 3x3 convs that feed a ReLU, 1 elsewhere.
+
+    PyTorch's default init (gain ~1/sqrt(3)) shrinks the signal block after block: G's samples then start
+    nearly alike and the GAN collapses to one image within ~50 steps (measured on kanji at width 0.25).
+    """
+    nn.init.xavier_uniform_(layer.weight, gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class UpBlock(nn.Module):
+    """(N, cin, H, W) -> (N, cout, 2H, 2W): BN, ReLU, upsample, conv3x3, BN, ReLU, conv3x3 + upsampled skip."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+        self.conv1 = xavier(nn.Conv2d(cin, cout, 3, padding=1, bias=False), math.sqrt(2))  # bn2 cancels a bias
+        self.conv2 = xavier(nn.Conv2d(cout, cout, 3, padding=1), math.sqrt(2))
+        self.skip = xavier(nn.Conv2d(cin, cout, 1)) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        # a 1x1 conv commutes with nearest upsampling: run it at the low resolution, 4x cheaper
+        return h + F.interpolate(self.skip(x), scale_factor=2, mode="nearest")
+
+
+class DownBlock(nn.Module):
+    """(N, cin, H, W) -> (N, cout, H/2, W/2): ReLU, conv3x3, ReLU, conv3x3, avg-pool + pooled skip.
+
+    No normalization: with BatchNorm a score would depend on the other images of the batch, and the
+    per-sample gradient the penalty constrains would no longer be that of a function of one image.
+    """
+
+    def __init__(self, cin, cout, first=False):
+        super().__init__()
+        self.first = first  # the first block sees the image itself: no ReLU that would drop its negative half
+        self.conv1 = xavier(nn.Conv2d(cin, cout, 3, padding=1), math.sqrt(2))
+        self.conv2 = xavier(nn.Conv2d(cout, cout, 3, padding=1), math.sqrt(2))
+        self.skip = xavier(nn.Conv2d(cin, cout, 1)) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = x if self.first else F.relu(x)
+        h = F.avg_pool2d(self.conv2(F.relu(self.conv1(h))), 2)
+        return h + self.skip(F.avg_pool2d(x, 2))  # pool first: the 1x1 conv then runs on 4x fewer pixels
+
+
+class Generator(nn.Module):
+    def __init__(self, latent_dim=128, channels=1, image_size=64, width=1.0):
+        super().__init__()
+        ch = scaled(G_CHANNELS, width)
+        self.start = image_size // 16  # 4 up blocks double the side 4 times: 4x4 for 64x64, 2x2 for 32x32
+        self.fc = xavier(nn.Linear(latent_dim, ch[0] * self.start ** 2))
+        self.blocks = nn.Sequential(*[UpBlock(a, b) for a, b in zip(ch, ch[1:])])
+        self.bn = nn.BatchNorm2d(ch[-1])
+        self.out = xavier(nn.Conv2d(ch[-1], channels, 3, padding=1))
+
+    def forward(self, z):
+        """(N, latent_dim) -> (N, C, S, S) in [-1, 1]."""
+        h = self.fc(z).view(z.shape[0], -1, self.start, self.start)
+        return torch.tanh(self.out(F.relu(self.bn(self.blocks(h)))))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, channels=1, width=1.0):
+        super().__init__()
+        ch = scaled(D_CHANNELS, width)
+        self.blocks = nn.Sequential(*[DownBlock(a, b, first=i == 0)
+                                      for i, (a, b) in enumerate(zip([channels] + ch, ch))])
+        self.fc = xavier(nn.Linear(ch[-1], 1))
+
+    def forward(self, x):
+        """(N, C, S, S) -> (N,) unbounded scores, high = real."""
+        h = F.relu(self.blocks(x)).mean((2, 3))  # global average pool: the same head for any image size
+        return self.fc(h).squeeze(1)
+
+
+def build(cfg):
+    """(generator, discriminator) from a config."""
+    return (Generator(cfg["latent_dim"], cfg["channels"], cfg["image_size"], cfg["width"]),
+            Discriminator(cfg["channels"], cfg["width"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses, gradient penalty, EMA (module level so the tests check them on fixed numbers)
+
+def d_loss(loss, real, fake):
+    """Discriminator loss from its scores (N,) on real and on fake images, averaged over the batch."""
+    if loss == "hinge":  # push real scores above +1 and fake ones below -1
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if loss == "wasserstein":
+        return fake.mean() - real.mean()
+    if loss == "bce":  # -log sigmoid(real) - log(1 - sigmoid(fake))
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def g_loss(loss, fake):
+    """Generator loss from the discriminator's scores (N,) on its fakes."""
+    if loss == "bce":  # non-saturating: -log sigmoid(fake), strong gradients while D wins
+        return F.softplus(-fake).mean()
+    if loss in ("hinge", "wasserstein"):
+        return -fake.mean()
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def interpolates(real, fake):
+    """Random points between real and fake: a * real + (1 - a) * fake with ONE a ~ U(0, 1) per image.
+
+    -> (x_hat (N, C, H, W), a (N, 1, 1, 1)). A weight per pixel would give points on no real-fake line.
+    """
+    a = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    return torch.lerp(fake, real, a), a
+
+
+def gradient_penalty(D, real, fake):
+    """E[(||grad_x D(x_hat)|| - 1)^2] over the batch, in fp32 (bf16 autocast is switched off inside).
+
+    create_graph=True so that the penalty's own gradient reaches D's weights (a double backward).
+    """
+    x = interpolates(real.detach().float(), fake.detach().float())[0].requires_grad_(True)
+    x = x.view_as(x)  # a non-leaf input: FlopCounterMode (bench.py) fails on a leaf inside autograd.grad
+    with torch.autocast(x.device.type, enabled=False):
+        score = D(x).float()
+        grad, = torch.autograd.grad(score.sum(), x, create_graph=True)  # D(x_i) depends on x_i only
+        return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """ema <- decay * ema + (1 - decay) * net for the weights; buffers (BN statistics) are copied."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step
+
+class Trainer:
+    """G, D, their Adam optimizers, the EMA of G and autocast; `step` is the whole hot path (bench.py times it)."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.channels_last = cfg.get("channels_last", True)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.G, self.D = (m.to(self.device, memory_format=fmt) for m in build(cfg))
+        # the EMA copy stays in eval mode for good: sampling from it never touches G's train/eval state
+        self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg["ema"] else None
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
+        # compiled views for the forward passes; the penalty's double backward runs on the plain D
+        # (torch.compile does not support create_graph=True), state_dicts come from the plain modules
+        self.g, self.d = (torch.compile(m) if cfg.get("compile") else m for m in (self.G, self.D))
+        self.steps = 0  # generator steps done, for the EMA warm-up
+
+    @property
+    def sample_net(self):
+        return self.ema if self.ema is not None else self.G
+
+    def autocast(self):
+        return data.autocast(self.device, self.cfg["precision"])
+
+    def step(self, x):
+        """n_critic D steps and one G step on a normalized batch x (N, C, S, S) in [-1, 1] -> losses as floats."""
+        cfg, n = self.cfg, x.shape[0]
+        for i in range(cfg["n_critic"]):
+            z = torch.randn(n, cfg["latent_dim"], device=self.device)
+            last = i == cfg["n_critic"] - 1  # the last batch of fakes is reused by the G step below
+            with torch.set_grad_enabled(last), self.autocast():
+                fake = self.g(z)
+            with self.autocast():  # one D pass over real and fake together (D has no batch statistics)
+                real_s, fake_s = self.d(torch.cat([x, fake.detach().to(x.dtype)])).float().split(n)
+            loss_d = d_loss(cfg["loss"], real_s, fake_s)
+            gp = gradient_penalty(self.D, x, fake) if cfg["gp"] > 0 else torch.zeros((), device=self.device)
+            self.opt_d.zero_grad(set_to_none=True)
+            (loss_d + cfg["gp"] * gp).backward()
+            self.opt_d.step()
+
+        self.D.requires_grad_(False)  # the G step needs D's input gradient only, not its weight gradients
+        with self.autocast():  # the updated D scores the same fakes
+            loss_g = g_loss(cfg["loss"], self.d(fake).float())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        self.D.requires_grad_(True)
+
+        if self.ema is not None:  # warm-up: early on the average must not cling to the random init
+            ema_update(self.ema, self.G, min(cfg["ema_decay"], (1 + self.steps) / (10 + self.steps)))
+        self.steps += 1
+        vals = torch.stack([loss_d, loss_g, gp, real_s.mean(), fake_s.mean()]).tolist()  # one device sync
+        return dict(zip(("loss_d", "loss_g", "gp", "d_real", "d_fake"), vals))
+
+    def state_dict(self):
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.steps}
+
+    def load_state_dict(self, d):
+        self.G.load_state_dict(d["G"])
+        self.D.load_state_dict(d["D"])
+        if self.ema is not None:
+            self.ema.load_state_dict(d["ema"])
+        self.opt_g.load_state_dict(d["opt_g"])
+        self.opt_d.load_state_dict(d["opt_d"])
+        self.steps = d["step"]
+
+
+def save_checkpoint(path, trainer, cfg, epoch, batch):
+    """The self-describing checkpoint: config, networks, optimizers, EMA, position (epoch, batch) and RNG."""
+    data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": cfg, **trainer.state_dict(),
+                      "epoch": epoch, "batch": batch, "rng": data.rng_state()}, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling API (sample.py, the GUI, evaluate.py)
+
+def load(path, device="cpu"):
+    """A checkpoint -> (generator with the EMA weights where there are some, in eval mode on `device`, config)."""
+    ckpt = data.load_checkpoint(path, KIND)
+    cfg = ckpt["config"]
+    G, _ = build(cfg)
+    G.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["G"])
+    fmt = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
+    return G.to(device, memory_format=fmt).eval(), cfg  # the layout of training: the very same numbers
+
+
+@torch.no_grad()
+def generate(net, z, device="cpu", chunk=256):
+    """Latents (N, latent_dim) -> images (N, C, S, S) in [0, 1] on the CPU, `chunk` at a time.
+
+    The net runs in eval mode (BatchNorm uses its running statistics and updates nothing); every
+    module's train/eval flag is put back afterwards, so drawing a grid mid-training changes nothing.
+    """
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        return torch.cat([data.denormalize(net(part.to(device)), NORM).cpu() for part in z.split(chunk)])
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def sample(net, cfg, n, seed=0, device="cpu"):
+    """n images (n, C, S, S) in [0, 1], ink bright, from z ~ N(0, I) drawn with its own generator."""
+    z = torch.randn(n, cfg["latent_dim"], generator=torch.Generator().manual_seed(seed))
+    return generate(net, z, device)
+
+
+def slerp(z0, z1, t):
+    """Spherical interpolation between the rows of z0 and z1 (R, D) at fractions t (T,) -> (R, T, D)."""
+    z0, z1, t = z0[:, None], z1[:, None], t.view(1, -1, 1)
+    omega = torch.acos(F.cosine_similarity(z0, z1, dim=2).clamp(-1, 1))[..., None]  # (R, 1, 1) angle
+    so = torch.sin(omega)
+    arc = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / so.clamp_min(1e-6)
+    return torch.where(so > 1e-6, arc, torch.lerp(z0, z1, t))  # (anti)parallel endpoints: a straight line
+
+
+def interpolate(net, cfg, rows, steps, seed=0, device="cpu", spherical=True):
+    """rows*steps images (row-major) in [0, 1]: each row morphs between two random latents."""
+    g = torch.Generator().manual_seed(seed)
+    z0, z1 = torch.randn(2, rows, cfg["latent_dim"], generator=g)
+    t = torch.linspace(0, 1, steps)
+    z = slerp(z0, z1, t) if spherical else torch.lerp(z0[:, None], z1[:, None], t.view(1, -1, 1))
+    return generate(net, z.reshape(rows * steps, -1), device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training loop
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join("runs", f"{KIND}_{os.path.basename(os.path.normpath(args.dataset))}")
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise data.GanjiError(f"--resume: no ckpt.pt in {out}")
+        ckpt = data.load_checkpoint(ckpt_path, KIND)
+        cfg = ckpt["config"]
+        ignored = [k for k, v in vars(args).items()
+                   if k not in RUN_KEYS and k in cfg and v != parser.get_default(k) and v != cfg[k]]
+        if ignored:
+            print("warning: --resume keeps the checkpoint's " + ", ".join(f"{k}={cfg[k]}" for k in ignored)
+                  + " (the command line's values are ignored)", file=sys.stderr)
+        cfg.update({k: v for k, v in vars(args).items() if k in RUN_KEYS})
+    else:
+        if os.path.exists(ckpt_path):
+            raise data.GanjiError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        ckpt, cfg = None, config_from_args(args)
+    cfg["out"] = out
+    device = data.pick_device(cfg["device"])
+    ds = data.data_from_args(argparse.Namespace(**cfg))
+    os.makedirs(out, exist_ok=True)
+    data.write_config(out, cfg)
+    log = data.MetricsLog(out)
+
+    torch.manual_seed(cfg["seed"])  # weight init
+    trainer = Trainer(cfg, device)
+    epoch, batch = 0, 0  # completed epochs, batches done in the current epoch
+    if ckpt:
+        trainer.load_state_dict(ckpt)
+        epoch, batch = ckpt["epoch"], ckpt["batch"]
+        data.set_rng_state(ckpt["rng"])
+    n_g, n_d = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (trainer.G, trainer.D))
+    print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
+          f"{tuple(ds.images.shape[1:])}, {device}, {cfg['precision']}, epoch {epoch}/{cfg['epochs']}")
+
+    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
+                           channels_last=trainer.channels_last)
+    epochs = 1 if cfg["dry_run"] else cfg["epochs"]
+    per_epoch = 2 if cfg["dry_run"] else len(batches)
+    lrs = {"lr": cfg["lr"], "lr_d": cfg["lr_d"]}
+
+    # Ctrl-C: the first one lets the current step finish, so the checkpoint holds whole steps only and
+    # --resume continues exactly; a second one stops at once without saving
+    sigints = []
+
+    def on_sigint(signum, frame):
+        sigints.append(signum)
+        if len(sigints) > 1:
+            raise KeyboardInterrupt
+        print("\nCtrl-C: stopping after this step (again to quit without saving)", file=sys.stderr)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+
+    from tqdm import tqdm
+    try:
+        while epoch < epochs:
+            sums, seen, t0 = {}, 0, time.perf_counter()
+            t_log, seen_log = t0, 0
+            with tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}") as bar:
+                for x in batches.epoch(epoch, start=batch):
+                    if batch >= per_epoch:
+                        break
+                    if sigints:
+                        raise KeyboardInterrupt
+                    losses = trainer.step(x)
+                    if not all(math.isfinite(v) for v in losses.values()):
+                        bar.close()  # so that the error is the last line on the terminal
+                        shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+                        print(f"error: non-finite loss ({shown}) at epoch {epoch + 1} step {trainer.steps}; "
+                              f"stopping, {ckpt_path} keeps the last good state", file=sys.stderr)
+                        sys.exit(1)
+                    batch, seen, seen_log = batch + 1, seen + len(x), seen_log + len(x)
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(x)
+                    bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}",
+                                    gp=f"{losses['gp']:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                    bar.update()
+                    if trainer.steps % cfg["log_every"] == 0:
+                        now = time.perf_counter()
+                        log.write(row="step", epoch=epoch + 1, step=trainer.steps, **losses,
+                                  img_per_s=seen_log / (now - t_log), **lrs)
+                        t_log, seen_log = now, 0
+            elapsed = time.perf_counter() - t0
+            epoch, batch = epoch + 1, 0
+            if seen:
+                log.write(row="epoch", epoch=epoch, step=trainer.steps, **{k: v / seen for k, v in sums.items()},
+                          img_per_s=seen / elapsed, **lrs)
+            if epoch % cfg["sample_every"] == 0 or epoch == epochs:  # the same fixed latents every time
+                data.save_grid(sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device),
+                               os.path.join(out, f"samples_epoch{epoch:03d}.png"), ds.display_invert)
+            save_checkpoint(ckpt_path, trainer, cfg, epoch, batch)
+    except KeyboardInterrupt:
+        if len(sigints) > 1:
+            print(f"\nquit without saving; {ckpt_path} keeps the last saved state", file=sys.stderr)
+        else:
+            save_checkpoint(ckpt_path, trainer, cfg, epoch, batch)
+            print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
+                  file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    print(f"done: {epoch} epochs, {trainer.steps} steps; {out}")
+
+
+if __name__ == "__main__":
+    data.cli(main)

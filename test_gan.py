@@ -1,0 +1,278 @@
+"""Tests for gan.py: shapes, loss and penalty math, EMA, sampling side effects, checkpoints, resume, CLI.
+
+Tiny configs (width 0.125, 32x32, 64 kanji, batch 16) so the file runs in well under a minute on 2 cores.
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import gan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--width", "0.125", "--image-size", "32", "--limit", "64", "--batch-size", "16", "--device", "cpu"]
+
+
+def tiny_cfg(*extra):
+    return gan.config_from_args(gan.get_parser().parse_args(TINY + list(extra)))
+
+
+def run_args(data_dir, out, *extra):
+    return TINY + ["--data-dir", data_dir, "--out", str(out), "--log-every", "1"] + list(extra)
+
+
+def batch(n=16, size=32, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, channels, size, size, generator=g) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("dataset,size,channels", [("kanji", 64, 1), ("mnist", 32, 1), ("cifar10", 32, 3)])
+def test_shapes(dataset, size, channels):
+    cfg = gan.config_from_args(gan.get_parser().parse_args(["--dataset", dataset, "--width", "0.125"]))
+    assert (cfg["image_size"], cfg["channels"]) == (size, channels)
+    G, D = gan.build(cfg)
+    x = G(torch.randn(5, cfg["latent_dim"]))
+    assert x.shape == (5, channels, size, size) and x.min() >= -1 and x.max() <= 1
+    assert D(x).shape == (5,)
+    s = gan.sample(G, cfg, 3, seed=1)
+    assert s.shape == (3, channels, size, size) and 0 <= s.min() and s.max() <= 1
+    assert gan.interpolate(G, cfg, 2, 4).shape == (8, channels, size, size)
+
+
+def test_reference_size():
+    """Width 1.0 on 64x64 kanji: D has 4 blocks 128 -> 512 channels; about 9 M parameters in all."""
+    G, D = gan.build(gan.config_from_args(gan.get_parser().parse_args([])))
+    n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+    assert 3.5e6 < n_g < 4.5e6 and 4.5e6 < n_d < 5.5e6
+    assert [b.conv2.out_channels for b in D.blocks] == [128, 128, 256, 512]
+    assert [b.conv2.out_channels for b in G.blocks] == [256, 128, 128, 128] and G.fc.out_features == 512 * 4 * 4
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in D.modules())
+
+
+def test_bad_image_size():
+    with pytest.raises(data.GanjiError, match="multiple of 16"):
+        tiny_cfg("--image-size", "40")
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+REAL = torch.tensor([2.0, 0.5, -1.0])
+FAKE = torch.tensor([-2.0, 0.0, 1.5])
+
+
+def softplus(v):
+    return math.log(1 + math.exp(v))
+
+
+def test_hinge_loss():
+    # D: mean(relu(1 - real)) + mean(relu(1 + fake)) = (0 + 0.5 + 2)/3 + (0 + 1 + 2.5)/3 = 2
+    assert gan.d_loss("hinge", REAL, FAKE).item() == pytest.approx(2.0)
+    assert gan.g_loss("hinge", FAKE).item() == pytest.approx(0.5 / 3)  # -mean(fake)
+
+
+def test_wasserstein_loss():
+    assert gan.d_loss("wasserstein", REAL, FAKE).item() == pytest.approx(-0.5 / 3 - 1.5 / 3)
+    assert gan.g_loss("wasserstein", FAKE).item() == pytest.approx(0.5 / 3)
+
+
+def test_bce_loss():
+    # D: -log sigmoid(r) = softplus(-r); -log(1 - sigmoid(f)) = softplus(f); G (non-saturating): softplus(-f)
+    d = sum(softplus(-r) for r in REAL.tolist()) / 3 + sum(softplus(f) for f in FAKE.tolist()) / 3
+    g = sum(softplus(-f) for f in FAKE.tolist()) / 3
+    assert gan.d_loss("bce", REAL, FAKE).item() == pytest.approx(d)
+    assert gan.g_loss("bce", FAKE).item() == pytest.approx(g)
+
+
+def linear_critic(w):
+    return lambda x: x.flatten(1) @ w + 0.3
+
+
+def test_gradient_penalty_linear_critic():
+    """D(x) = w.x + b has input gradient w everywhere: penalty (|w| - 1)^2, zero exactly when |w| = 1."""
+    torch.manual_seed(0)
+    real, fake = batch(8, 8), batch(8, 8, seed=1)
+    unit = torch.randn(64)
+    unit /= unit.norm()
+    assert gan.gradient_penalty(linear_critic(unit), real, fake).item() == pytest.approx(0.0, abs=1e-10)
+    assert gan.gradient_penalty(linear_critic(3 * unit), real, fake).item() == pytest.approx(4.0, rel=1e-5)
+    assert gan.gradient_penalty(linear_critic(0.5 * unit), real, fake).item() == pytest.approx(0.25, rel=1e-5)
+    _, D = gan.build(tiny_cfg())
+    gp = gan.gradient_penalty(D, batch(4), batch(4, seed=1))
+    assert gp.item() > 0 and gp.requires_grad  # a real critic: positive, and differentiable w.r.t. D's weights
+
+
+def test_interpolation_weight_per_sample():
+    torch.manual_seed(0)
+    real, fake = batch(6), batch(6, seed=1)
+    x_hat, a = gan.interpolates(real, fake)
+    assert a.shape == (6, 1, 1, 1)
+    # every pixel of image i lies at the same fraction a_i of the way from fake_i to real_i
+    frac = (x_hat - fake) / (real - fake)
+    per_image = frac.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), atol=1e-4)
+    assert torch.allclose(per_image[:, 0], a.flatten(), atol=1e-4)
+    assert len(set(a.flatten().tolist())) == 6  # a different weight for each image
+
+
+def test_ema_update_math():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = copy.deepcopy(net)
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net(torch.randn(8, 3))  # changes the BN running statistics
+    gan.ema_update(ema, net, 0.9)
+    for e, b, p in zip(ema.parameters(), before, net.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        assert torch.equal(e, b)
+
+
+def test_trainer_ema_warmup():
+    """Step 1 uses decay min(ema_decay, 1/10): ema = 0.1 * G_before + 0.9 * G_after."""
+    torch.manual_seed(0)
+    tr = gan.Trainer(tiny_cfg(), "cpu")
+    g0 = [p.detach().clone() for p in tr.G.parameters()]
+    tr.step(batch())
+    for e, a, b in zip(tr.ema.parameters(), g0, tr.G.parameters()):
+        assert torch.allclose(e, 0.1 * a + 0.9 * b, atol=1e-6)
+    assert not tr.ema.training and tr.G.training
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def test_sampling_leaves_training_state_alone():
+    torch.manual_seed(0)
+    tr = gan.Trainer(tiny_cfg(), "cpu")
+    tr.step(batch())
+    nets = [tr.G, tr.D, tr.ema]
+    flags = [[m.training for m in net.modules()] for net in nets]
+    buffers = [[b.clone() for b in net.buffers()] for net in nets]
+    rng = torch.get_rng_state()
+    a = gan.sample(tr.sample_net, tr.cfg, 8, seed=5)
+    b = gan.sample(tr.G, tr.cfg, 8, seed=5)  # the no-EMA path samples from G itself
+    gan.interpolate(tr.G, tr.cfg, 2, 3)
+    assert [[m.training for m in net.modules()] for net in nets] == flags
+    for net, saved in zip(nets, buffers):
+        assert all(torch.equal(x, y) for x, y in zip(net.buffers(), saved))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(a, gan.sample(tr.sample_net, tr.cfg, 8, seed=5)) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ema", ["--ema", "--no-ema"])
+def test_checkpoint_round_trip(tmp_path, ema):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(ema)
+    tr = gan.Trainer(cfg, "cpu")
+    assert tr.sample_net is (tr.ema if ema == "--ema" else tr.G)
+    tr.step(batch())
+    path = str(tmp_path / "ckpt.pt")
+    gan.save_checkpoint(path, tr, cfg, epoch=1, batch=0)
+    net, cfg2 = gan.load(path)
+    assert cfg2 == cfg and not net.training
+    assert torch.equal(gan.sample(net, cfg2, 8, seed=3), gan.sample(tr.sample_net, cfg, 8, seed=3))
+    tr2 = gan.Trainer(cfg, "cpu")
+    tr2.load_state_dict(data.load_checkpoint(path, "gan"))
+    assert tr2.steps == 1 and tr2.opt_d.state_dict()["state"][0]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def ckpt_tensors(path):
+    ck = data.load_checkpoint(path, "gan")
+    return ck, {f"{k}.{n}": v for k in ("G", "D", "ema") for n, v in ck[k].items()}
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, data_dir, monkeypatch):
+    """4 steps per epoch, 2 epochs; a Ctrl-C before step 6 (mid epoch 2), then --resume."""
+    gan.main(run_args(data_dir, tmp_path / "a", "--epochs", "2"))
+    real_step, calls = gan.Trainer.step, []
+
+    def step(self, x):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(self, x)
+
+    monkeypatch.setattr(gan.Trainer, "step", step)
+    with pytest.raises(SystemExit) as e:
+        gan.main(run_args(data_dir, tmp_path / "b", "--epochs", "2"))
+    assert e.value.code == 130
+    ck, _ = ckpt_tensors(str(tmp_path / "b" / "ckpt.pt"))
+    assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 1, 5)
+    monkeypatch.setattr(gan.Trainer, "step", real_step)
+    gan.main(run_args(data_dir, tmp_path / "b", "--epochs", "2", "--resume"))
+    (a, ta), (b, tb) = ckpt_tensors(str(tmp_path / "a" / "ckpt.pt")), ckpt_tensors(str(tmp_path / "b" / "ckpt.pt"))
+    assert (b["epoch"], b["batch"], b["step"]) == (a["epoch"], a["batch"], a["step"]) == (2, 0, 8)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for opt in ("opt_g", "opt_d"):
+        sa, sb = a[opt]["state"], b[opt]["state"]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    # the grids of the resumed run are the same pictures
+    assert open(tmp_path / "a" / "samples_epoch002.png", "rb").read() == \
+        open(tmp_path / "b" / "samples_epoch002.png", "rb").read()
+
+
+def test_resume_errors_and_no_overwrite(tmp_path, data_dir, capsys):
+    with pytest.raises(data.GanjiError, match="--resume: no ckpt.pt"):
+        gan.main(run_args(data_dir, tmp_path / "none", "--resume"))
+    out = tmp_path / "run"
+    gan.main(run_args(data_dir, out, "--dry-run"))
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(data.GanjiError, match="pass --resume"):
+        gan.main(run_args(data_dir, out, "--dry-run"))
+    assert (out / "ckpt.pt").read_bytes() == before
+    # --resume takes the architecture from the checkpoint and says so in one line
+    gan.main(run_args(data_dir, out, "--dry-run", "--resume", "--width", "0.5"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "width=0.125" in warnings[0]
+    assert data.load_checkpoint(str(out / "ckpt.pt"), "gan")["config"]["width"] == 0.125
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    real_step, calls = gan.Trainer.step, []
+
+    def step(self, x):
+        calls.append(1)
+        losses = real_step(self, x)
+        return {**losses, "loss_d": float("nan")} if len(calls) == 6 else losses
+
+    monkeypatch.setattr(gan.Trainer, "step", step)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        gan.main(run_args(data_dir, out, "--epochs", "3"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "non-finite" in err[-1] and "epoch 2 step 6" in err[-1]
+    ck = data.load_checkpoint(str(out / "ckpt.pt"), "gan")
+    assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 0, 4)  # the end-of-epoch-1 state, untouched
+    assert not (out / "samples_epoch002.png").exists()
+
+
+def test_cli_help_and_dry_run(tmp_path, data_dir):
+    h = subprocess.run([sys.executable, "gan.py", "-h"], cwd=HERE, capture_output=True, text=True)
+    assert h.returncode == 0
+    for flag in ("--latent-dim", "--loss", "--gp", "--n-critic", "--lr-d", "--betas", "--betas-d", "--ema",
+                 "--no-ema", "--ema-decay", "--width", "--precision", "--resume", "--dry-run"):
+        assert flag in h.stdout
+    assert "(default: hinge)" in h.stdout and "(default: 10.0)" in h.stdout
+    out = tmp_path / "dry"
+    r = subprocess.run([sys.executable, "gan.py", *run_args(data_dir, out, "--dry-run")], cwd=HERE,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples_epoch001.png"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["step", "step", "epoch"]
+    assert {"loss_d", "loss_g", "gp", "d_real", "d_fake", "img_per_s", "lr", "lr_d"} <= rows[-1].keys()
+    net, cfg = gan.load(str(out / "ckpt.pt"))
+    assert cfg["image_size"] == 32 and gan.sample(net, cfg, 2).shape == (2, 1, 32, 32)
