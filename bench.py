@@ -1,0 +1,234 @@
+"""Measure how fast GANji trains and samples on this machine, against the machine's own matmul peak.
+
+    python bench.py --quick          # a few minutes on a 2-core CPU: small configs, fewer repeats
+    python bench.py                  # the full table in the README (about an hour on a 2-core CPU)
+    python bench.py --device cuda --out bench_gpu
+
+Every figure is the median of several timed repeats after warm-up. Each training configuration runs
+in its own child process, so its peak memory (RSS on CPU, allocator peak on CUDA) is its own.
+Writes OUT/bench.md (the table) and OUT/bench.json (every number).
+"""
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+
+SMALL_WIDTH = 0.25  # the CPU configuration the README recommends
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_peak(device, n, repeats):
+    """GFLOP/s of an n x n matmul (2 n^3 flops) in fp32 and bf16: the ceiling the models are judged by."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        out[name] = 2 * n ** 3 / median_time(lambda: a @ b, device, repeats) / 1e9
+    return out
+
+
+def bench_data(device, images, repeats, batch_size=64):
+    """Batches/s of one epoch: data.Batches (uint8 on the device) vs DataLoader + per-item transforms."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    class PilImages(Dataset):  # what a typical tutorial does: PIL images, ToTensor + Normalize per item
+        def __init__(self, x):
+            self.images = [Image.fromarray(a[0].numpy()) for a in x]
+            self.tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.tf(self.images[i])
+
+    def epoch(batches):
+        for x in batches:
+            x = x.to(device, non_blocking=True)
+        sync(device)
+
+    ours = data.Batches(images, batch_size, device, "11")
+    theirs = DataLoader(PilImages(images), batch_size=batch_size, shuffle=True, num_workers=0)
+    n = len(ours)
+    return {"images": len(images), "batch_size": batch_size,
+            "data.py batches/s": n / median_time(lambda: epoch(ours.epoch(0)), device, repeats),
+            "DataLoader+transforms batches/s": n / median_time(lambda: epoch(theirs), device, repeats)}
+
+
+def train_row(kind, width, precision, channels_last, compile, batch, data_dir, device, repeats):
+    """One training configuration, timed on a real kanji batch (run in a child process)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mod = importlib.import_module(kind)
+    argv = ["--width", str(width), "--precision", precision, "--batch-size", str(batch),
+            "--image-size", "64", "--channels", "1", "--device", device.type]
+    argv += ["--compile"] * compile + ["--no-channels-last"] * (not channels_last) + ["--data-dir", data_dir]
+    cfg = mod.config_from_args(mod.get_parser().parse_args(argv))
+    torch.manual_seed(0)
+    trainer = mod.Trainer(cfg, device)
+    images = data.load_dataset("kanji", limit=batch, data_dir=data_dir, progress=False).images
+    x = data.normalize(images, mod.NORM).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    trainer.step(x)  # warm-up (and compilation) outside the flop count
+    with FlopCounterMode(display=False) as counter:
+        trainer.step(x)
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_time(lambda: trainer.step(x), device, repeats, warmup=1)
+    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    built = mod.build(cfg)  # the trained networks (gan: G and D), not the EMA copy
+    nets = built if isinstance(built, tuple) else (built,)
+    return {"model": kind, "width": width, "precision": precision, "channels_last": channels_last,
+            "compile": compile, "batch": batch, "params_M": sum(p.numel() for m in nets for p in m.parameters()) / 1e6,
+            "s_per_step": seconds, "img_per_s": batch / seconds, "gflop_per_img": flops / batch / 1e9,
+            "gflops": flops / seconds / 1e9, "peak_mem_MB": mem / 2 ** 20}
+
+
+def sample_rows(kind, width, device, repeats, ddpm_samplers, data_dir):
+    """Seconds for a 4x4 grid from an untrained network of the reference shape (speed does not depend
+    on the weights). DDPM: each sampler in ddpm_samplers as (name, steps)."""
+    mod = importlib.import_module(kind)
+    cfg = mod.config_from_args(mod.get_parser().parse_args(
+        ["--width", str(width), "--image-size", "64", "--channels", "1", "--device", device.type,
+         "--data-dir", data_dir]))
+    net = mod.Trainer(cfg, device).sample_net.eval()
+    runs = ddpm_samplers if kind == "ddpm" else [("sample", None)]
+    rows = []
+    for name, steps in runs:
+        kw = {"sampler": name, "steps": steps} if kind == "ddpm" else {}
+        reps = 1 if steps and steps >= 500 else repeats  # one ancestral-1000 grid takes minutes on a CPU
+        t = median_time(lambda: mod.sample(net, cfg, 16, seed=0, device=device, **kw), device, reps, warmup=0)
+        rows.append({"model": kind, "width": width, "sampler": name if kind == "ddpm" else "-",
+                     "steps": steps or 1, "s_per_4x4_grid": t})
+    return rows
+
+
+def child(args, spec):
+    """Run one training row in a fresh process; returns its dict (or the error)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", json.dumps(spec), "--device", args.device,
+           "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {**spec, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows, cols):
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark GANji's models and data loading on this machine.")
+    p.add_argument("--quick", action="store_true", help="small configs and fewer repeats (a few minutes on CPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 3, --quick 2)")
+    p.add_argument("--models", default="vae,gan,ddpm", help="comma-separated subset (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (default: %(default)s)")
+    p.add_argument("--data-dir", default="data", help="kanji render cache (default: %(default)s)")
+    p.add_argument("--out", default="bench", help="folder for bench.md and bench.json (default: %(default)s)")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one training row, as JSON
+    args = p.parse_args(argv)
+    device = data.pick_device(args.device)
+    args.device = device.type
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    if args.row:
+        spec = json.loads(args.row)
+        print(json.dumps(train_row(**spec, device=device, repeats=args.repeats)))
+        return
+    models = [m for m in args.models.split(",") if m]
+    if not set(models) <= set(data.KINDS):
+        raise data.GanjiError(f"--models takes a subset of {','.join(data.KINDS)}")
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name()
+    result = {"machine": machine, "device": device.type, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+    print(f"GANji bench on {machine} ({device.type}), torch {torch.__version__}", flush=True)
+
+    result["peak"] = bench_peak(device, 1024 if args.quick else 2048, args.repeats + 2)
+    print(f"matmul peak: fp32 {result['peak']['fp32']:.0f} GFLOP/s, bf16 {result['peak']['bf16']:.0f} GFLOP/s",
+          flush=True)
+    kanji = data.load_dataset("kanji", data_dir=args.data_dir, progress=False).images
+    result["data"] = bench_data(device, kanji[:2048] if args.quick else kanji, args.repeats)
+    print(json.dumps(result["data"]), flush=True)
+
+    widths = [SMALL_WIDTH] if args.quick else [1.0, SMALL_WIDTH]
+    specs = [dict(kind=k, width=w, precision=pr, channels_last=True, compile=False, batch=args.batch_size,
+                  data_dir=args.data_dir)
+             for k in models for w in widths for pr in ("fp32", "bf16")]
+    if not args.quick:  # the layout and compile variants, at the reference width in bf16
+        specs += [dict(kind=k, width=1.0, precision="bf16", channels_last=cl, compile=co, batch=args.batch_size,
+                   data_dir=args.data_dir)
+                  for k in models for cl, co in ((False, False), (True, True))]
+    result["train"] = []
+    for spec in specs:
+        row = child(args, spec)
+        if "gflops" in row:
+            row["share_of_peak"] = row["gflops"] / result["peak"][row["precision"]]
+        result["train"].append(row)
+        print(json.dumps(row), flush=True)
+
+    samplers = [("ancestral", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
+    result["sample"] = []
+    for k in models:
+        result["sample"] += sample_rows(k, SMALL_WIDTH if args.quick else 1.0, device, args.repeats,
+                                        samplers[1:] if args.quick else samplers, args.data_dir)
+    print(json.dumps(result["sample"]), flush=True)
+
+    md = [f"GANji bench: {machine} ({device.type}), torch {torch.__version__}, {result['date']}"
+          + (" (quick)" if args.quick else ""), "",
+          f"Matmul peak: fp32 {result['peak']['fp32']:.0f} GFLOP/s, bf16 {result['peak']['bf16']:.0f} GFLOP/s", "",
+          table([result["data"]], list(result["data"])), "",
+          table(result["train"], ["model", "width", "precision", "channels_last", "compile", "batch", "params_M",
+                                  "s_per_step", "img_per_s", "gflop_per_img", "gflops", "share_of_peak",
+                                  "peak_mem_MB", "error"]), "",
+          table(result["sample"], ["model", "width", "sampler", "steps", "s_per_4x4_grid"])]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print("\n".join(md))
+    print(f"wrote {args.out}/bench.md and {args.out}/bench.json")
+
+
+if __name__ == "__main__":
+    data.cli(main)
