@@ -347,3 +347,21 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
         assert app.status.get().startswith("Error:") and "not a readable checkpoint" in app.status.get()
     finally:
         root.destroy()
+
+
+# ------------------------------------------------------------------------------------------- bench.py
+
+def test_bench_smoke_on_tiny_configs(data_dir):
+    import bench
+    cpu = torch.device("cpu")
+    peak = bench.bench_peak(cpu, 64, 1)
+    assert peak["fp32"] > 0 and peak["bf16"] > 0
+    images = data.load_dataset("kanji", image_size=32, limit=256, data_dir=data_dir, progress=False).images
+    speed = bench.bench_data(cpu, images, 1, batch_size=64)
+    assert speed["data.py batches/s"] > 0 and speed["DataLoader+transforms batches/s"] > 0
+    for kind in data.KINDS:
+        row = bench.train_row(kind, 0.125, "fp32", True, False, 4, data_dir, cpu, 1)
+        assert row["s_per_step"] > 0 and row["gflop_per_img"] > 0 and row["params_M"] > 0
+    rows = bench.sample_rows("ddpm", 0.125, cpu, 1, [("ddim", 2)], data_dir)
+    assert rows[0]["steps"] == 2 and rows[0]["s_per_4x4_grid"] > 0
+    assert "| vae |" in bench.table([{"model": "vae", "x": 1.0}], ["model", "x"])
