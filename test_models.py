@@ -63,8 +63,9 @@ def test_kanji_fixed_em_box(kanji):
 def test_kanji_cache_reload_identical(data_dir, kanji):
     again = data.load_dataset("kanji", data_dir=data_dir, progress=False)
     assert torch.equal(again.images, kanji.images) and torch.equal(again.labels, kanji.labels)
-    cached = [f for f in os.listdir(data_dir) if f.startswith("kanji-") and f.endswith("-64px-4e00-9fff.pt")]
-    assert len(cached) == 1
+    import hashlib
+    digest = hashlib.sha256(open(data.default_font(), "rb").read()).hexdigest()[:16]
+    assert os.path.isfile(os.path.join(data_dir, f"kanji-{digest}-64px-4e00-9fff.pt"))  # keyed by font hash
 
 
 def test_font_cmap_decides_which_glyphs(kanji):
