@@ -428,6 +428,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def slerp(z0, z1, t):
+    """Latent morphs for vae.py and gan.py. Spherical interpolation between the rows of z0 and z1 (R, D) at fractions t (T,) -> (R, T, D)."""
+    z0, z1, t = z0[:, None], z1[:, None], t.view(1, -1, 1)
+    omega = torch.acos(F.cosine_similarity(z0, z1, dim=2).clamp(-1, 1))[..., None]  # (R, 1, 1) angle
+    so = torch.sin(omega)
+    arc = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / so.clamp_min(1e-6)
+    return torch.where(so > 1e-6, arc, torch.lerp(z0, z1, t))  # (anti)parallel endpoints: a straight line
+
+
 class MetricsLog:
     """Appends one JSON object per line to run_dir/metrics.jsonl (kept across --resume)."""
 

@@ -222,7 +222,7 @@ def test_interpolate():
         assert not torch.equal(out[0], out[4]) and not torch.equal(out[0], out[5])
     # slerp keeps its endpoints and the norm stays between them (a straight line would dip in the middle)
     z0, z1 = torch.randn(2, 4, 8)
-    z = vae.slerp(z0, z1, torch.linspace(0, 1, 5))
+    z = data.slerp(z0, z1, torch.linspace(0, 1, 5))
     assert torch.allclose(z[:, 0], z0, atol=1e-5) and torch.allclose(z[:, -1], z1, atol=1e-5)
     lo = torch.minimum(z0.norm(dim=1), z1.norm(dim=1))
     assert (z[:, 2].norm(dim=1) >= lo - 1e-4).all()

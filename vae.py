@@ -207,21 +207,12 @@ def sample(net, cfg, n, seed=0, device="cpu"):
     return decode(net, z, device)
 
 
-def slerp(z0, z1, t):
-    """Spherical interpolation between the rows of z0 and z1 (R, D) at fractions t (T,) -> (R, T, D)."""
-    z0, z1, t = z0[:, None], z1[:, None], t.view(1, -1, 1)
-    omega = torch.acos(F.cosine_similarity(z0, z1, dim=2).clamp(-1, 1))[..., None]  # (R, 1, 1) angle
-    so = torch.sin(omega)
-    arc = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / so.clamp_min(1e-6)
-    return torch.where(so > 1e-6, arc, torch.lerp(z0, z1, t))  # (anti)parallel endpoints: a straight line
-
-
 def interpolate(net, cfg, rows, steps, seed=0, device="cpu", spherical=True):
     """rows*steps images (row-major) in [0, 1]: each row morphs between two random latents."""
     g = torch.Generator().manual_seed(seed)
     z0, z1 = torch.randn(2, rows, cfg["latent_dim"], generator=g)
     t = torch.linspace(0, 1, steps)
-    z = slerp(z0, z1, t) if spherical else torch.lerp(z0[:, None], z1[:, None], t.view(1, -1, 1))
+    z = data.slerp(z0, z1, t) if spherical else torch.lerp(z0[:, None], z1[:, None], t.view(1, -1, 1))
     return decode(net, z.reshape(rows * steps, -1), device)
 
 
