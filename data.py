@@ -415,6 +415,34 @@ def load_checkpoint(path, kind=None, map_location="cpu", mmap=False):
     return ckpt
 
 
+def open_run(kind, parser, args, run_keys, config_from_args):
+    """(run folder, checkpoint or None, config) for a training script's main().
+
+    A fresh run never overwrites a ckpt.pt. --resume takes the checkpoint's config, keeping from the command
+    line only the run settings in run_keys (epochs, device, ...); other flags that disagree get one warning line.
+    """
+    out = args.out or os.path.join("runs", f"{kind}_{os.path.basename(os.path.normpath(args.dataset))}")
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(ckpt_path):
+            raise GanjiError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        cfg = config_from_args(args)
+        cfg["out"] = out
+        return out, None, cfg
+    if not os.path.isfile(ckpt_path):
+        raise GanjiError(f"--resume: no ckpt.pt in {out}")
+    ckpt = load_checkpoint(ckpt_path, kind)
+    cfg = ckpt["config"]
+    ignored = [k for k, v in vars(args).items()
+               if k not in run_keys and k in cfg and v != parser.get_default(k) and v != cfg[k]]
+    if ignored:
+        print("warning: --resume keeps the checkpoint's " + ", ".join(f"{k}={cfg[k]}" for k in ignored)
+              + " (the command line's values are ignored)", file=sys.stderr)
+    cfg.update({k: v for k, v in vars(args).items() if k in run_keys})
+    cfg["out"] = out
+    return out, ckpt, cfg
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

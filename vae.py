@@ -222,24 +222,8 @@ def interpolate(net, cfg, rows, steps, seed=0, device="cpu", spherical=True):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    out = args.out or os.path.join("runs", f"{KIND}_{os.path.basename(os.path.normpath(args.dataset))}")
+    out, ckpt, cfg = data.open_run(KIND, parser, args, RUN_KEYS, config_from_args)
     ckpt_path = os.path.join(out, "ckpt.pt")
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise data.GanjiError(f"--resume: no ckpt.pt in {out}")
-        ckpt = data.load_checkpoint(ckpt_path, KIND)
-        cfg = ckpt["config"]
-        ignored = [k for k, v in vars(args).items()
-                   if k not in RUN_KEYS and k in cfg and v != parser.get_default(k) and v != cfg[k]]
-        if ignored:
-            print("warning: --resume keeps the checkpoint's " + ", ".join(f"{k}={cfg[k]}" for k in ignored)
-                  + " (the command line's values are ignored)", file=sys.stderr)
-        cfg.update({k: getattr(args, k) for k in RUN_KEYS})
-    else:
-        if os.path.exists(ckpt_path):
-            raise data.GanjiError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-        ckpt, cfg = None, config_from_args(args)
-    cfg["out"] = out
     device = data.pick_device(cfg["device"])
     torch.manual_seed(cfg["seed"])  # weight init
     trainer = Trainer(cfg, device)  # before the data: a bad architecture flag fails at once
