@@ -109,6 +109,33 @@ def test_gradient_penalty_linear_critic():
     assert gp.item() > 0 and gp.requires_grad  # a real critic: positive, and differentiable w.r.t. D's weights
 
 
+def test_conv3x3_pool_is_conv_then_average_pool():
+    """The D blocks' folded stride-2 4x4 conv equals a 3x3 conv followed by a 2x2 average pool."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1).double()
+    x = torch.randn(3, 5, 12, 12, dtype=torch.float64)
+    ref = torch.nn.functional.avg_pool2d(conv(x), 2)
+    assert torch.allclose(gan.conv3x3_pool(x, conv), ref, atol=1e-12)
+
+
+def test_gradient_penalty_bf16_matches_fp32():
+    """Under bf16 autocast the penalty and its gradient w.r.t. D's weights stay within bf16 rounding of fp32."""
+    torch.manual_seed(0)
+    _, D = gan.build(tiny_cfg())
+    real, fake = batch(16), batch(16, seed=1)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(1)  # the same interpolation weights
+        with data.autocast(torch.device("cpu"), precision):
+            gp = gan.gradient_penalty(D, real, fake)
+        params = [p for name, p in D.named_parameters() if name != "fc.bias"]  # the input gradient ignores it
+        out[precision] = gp.item(), torch.cat([g.flatten() for g in torch.autograd.grad(gp, params)])
+    (gp32, g32), (gp16, g16) = out["fp32"], out["bf16"]
+    assert gp16 == pytest.approx(gp32, rel=0.02)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert g16.norm().item() == pytest.approx(g32.norm().item(), rel=0.05)
+
+
 def test_interpolation_weight_per_sample():
     torch.manual_seed(0)
     real, fake = batch(6), batch(6, seed=1)
