@@ -326,7 +326,7 @@ def _free_memory(device):
 # ----------------------------------------------------------------------------------------------------
 # Shared run-folder helpers: flags, device, checkpoints, metrics and grids
 
-def add_common_args(parser, *, epochs, batch_size, lr, precision="bf16", sample_every=1):
+def add_common_args(parser, *, epochs, batch_size, lr, precision="bf16", sample_every=1, channels_last=True):
     """The flags every training script has, with the same names and meanings."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="kanji",
@@ -353,8 +353,9 @@ def add_common_args(parser, *, epochs, batch_size, lr, precision="bf16", sample_
     g.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
                    help="bf16 autocast or plain fp32 (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (default: off)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory layout for the conv nets (default: on)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
+                   help=f"NHWC memory layout for the conv nets (default: {'on' if channels_last else 'off'}, "
+                        "the faster one on a CPU in bench.py)")
     g.add_argument("--width", type=float, default=1.0,
                    help="channel multiplier; 1.0 is the reference architecture (default: %(default)s)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<model>_<dataset>)")

@@ -284,6 +284,11 @@ def build(cfg):
     return UNet(cfg["channels"], cfg["width"], cfg["attn"])
 
 
+def layout(cfg):
+    """The memory format of --channels-last (checkpoints from before the flag was honoured: channels_last)."""
+    return torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -292,7 +297,7 @@ class Trainer:
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
-        self.net = build(cfg).to(self.device, memory_format=torch.channels_last)
+        self.net = build(cfg).to(self.device, memory_format=layout(cfg))
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if cfg["ema_decay"] > 0 else None
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.fwd = torch.compile(self.net) if cfg["compile"] else self.net
@@ -357,7 +362,7 @@ def load(path, device="cpu"):
     cfg = ckpt["config"]
     net = build(cfg)
     net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
-    return net.to(device, memory_format=torch.channels_last).eval(), cfg  # the layout training used
+    return net.to(device, memory_format=layout(cfg)).eval(), cfg  # the layout training used
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,7 +472,8 @@ def main(argv=None):
         data.set_rng_state(ckpt["rng"])
     os.makedirs(args.out, exist_ok=True)
     data.write_config(args.out, cfg)
-    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"], channels_last=True)
+    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
+                           cfg["channels_last"])
     log = data.MetricsLog(args.out)
     epochs = 1 if args.dry_run else cfg["epochs"]
     n_params = sum(p.numel() for p in trainer.net.parameters())
