@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data
 
@@ -45,11 +46,20 @@ def median_time(fn, device, repeats, warmup=1):
 
 
 def bench_peak(device, n, repeats):
-    """GFLOP/s of an n x n matmul (2 n^3 flops) in fp32 and bf16: the ceiling the models are judged by."""
+    """GFLOP/s in fp32 and bf16 of an n x n matmul (2 n^3 flops) and of a large 3x3 convolution.
+
+    The models are judged against the higher of the two: on CPUs the fp32 matmul goes to MKL, which on
+    AMD runs far below what oneDNN's fp32 convolutions reach, so the matmul alone would flatter fp32."""
     out = {}
+    x = torch.randn(32, 256, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    conv_flops = 2 * x.numel() * w[0].numel()  # the output has x's shape; each value is a 256x3x3 dot product
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        out[name] = 2 * n ** 3 / median_time(lambda: a @ b, device, repeats) / 1e9
+        out[f"{name} matmul"] = 2 * n ** 3 / median_time(lambda: a @ b, device, repeats) / 1e9
+        xd, wd = x.to(dtype), w.to(dtype)
+        out[f"{name} conv3x3"] = conv_flops / median_time(lambda: F.conv2d(xd, wd, padding=1), device, repeats) / 1e9
+        out[name] = max(out[f"{name} matmul"], out[f"{name} conv3x3"])
     return out
 
 
@@ -90,7 +100,8 @@ def train_row(kind, width, precision, channels_last, compile, batch, data_dir, d
     mod = importlib.import_module(kind)
     argv = ["--width", str(width), "--precision", precision, "--batch-size", str(batch),
             "--image-size", "64", "--channels", "1", "--device", device.type]
-    argv += ["--compile"] * compile + ["--no-channels-last"] * (not channels_last) + ["--data-dir", data_dir]
+    argv += ["--compile"] * compile + ["--channels-last" if channels_last else "--no-channels-last"]
+    argv += ["--data-dir", data_dir]
     cfg = mod.config_from_args(mod.get_parser().parse_args(argv))
     torch.manual_seed(0)
     trainer = mod.Trainer(cfg, device)
@@ -134,6 +145,15 @@ def sample_rows(kind, width, device, repeats, ddpm_samplers, data_dir):
     return rows
 
 
+def cpu_name():
+    """The CPU's model name ("AMD EPYC", ...) where the OS tells it, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def child(args, spec):
     """Run one training row in a fresh process; returns its dict (or the error)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--row", json.dumps(spec), "--device", args.device,
@@ -162,6 +182,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 3, --quick 2)")
     p.add_argument("--models", default="vae,gan,ddpm", help="comma-separated subset (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (default: %(default)s)")
+    p.add_argument("--widths", default=None,
+                   help=f"comma-separated --width values (default: 1.0,{SMALL_WIDTH}; --quick: {SMALL_WIDTH})")
     p.add_argument("--data-dir", default="data", help="kanji render cache (default: %(default)s)")
     p.add_argument("--out", default="bench", help="folder for bench.md and bench.json (default: %(default)s)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one training row, as JSON
@@ -176,7 +198,7 @@ def main(argv=None):
     models = [m for m in args.models.split(",") if m]
     if not set(models) <= set(data.KINDS):
         raise data.GanjiError(f"--models takes a subset of {','.join(data.KINDS)}")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
     if device.type == "cuda":
         machine = torch.cuda.get_device_name()
     result = {"machine": machine, "device": device.type, "torch": torch.__version__,
@@ -184,20 +206,19 @@ def main(argv=None):
     print(f"GANji bench on {machine} ({device.type}), torch {torch.__version__}", flush=True)
 
     result["peak"] = bench_peak(device, 1024 if args.quick else 2048, args.repeats + 2)
-    print(f"matmul peak: fp32 {result['peak']['fp32']:.0f} GFLOP/s, bf16 {result['peak']['bf16']:.0f} GFLOP/s",
-          flush=True)
+    print("peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak"].items()), flush=True)
     kanji = data.load_dataset("kanji", data_dir=args.data_dir, progress=False).images
     result["data"] = bench_data(device, kanji[:2048] if args.quick else kanji, args.repeats)
     print(json.dumps(result["data"]), flush=True)
 
-    widths = [SMALL_WIDTH] if args.quick else [1.0, SMALL_WIDTH]
-    specs = [dict(kind=k, width=w, precision=pr, channels_last=True, compile=False, batch=args.batch_size,
-                  data_dir=args.data_dir)
-             for k in models for w in widths for pr in ("fp32", "bf16")]
-    if not args.quick:  # the layout and compile variants, at the reference width in bf16
-        specs += [dict(kind=k, width=1.0, precision="bf16", channels_last=cl, compile=co, batch=args.batch_size,
-                   data_dir=args.data_dir)
-                  for k in models for cl, co in ((False, False), (True, True))]
+    widths = [float(w) for w in args.widths.split(",")] if args.widths else [SMALL_WIDTH] if args.quick else [1.0, SMALL_WIDTH]
+    layout = {k: importlib.import_module(k).get_parser().get_default("channels_last") for k in models}
+    spec = dict(batch=args.batch_size, data_dir=args.data_dir)
+    specs = [dict(kind=k, width=w, precision=pr, channels_last=layout[k], compile=False, **spec)
+             for k in models for w in widths for pr in ("fp32", "bf16")]  # each script's default layout
+    if not args.quick:  # the other layout, and compile, in bf16 at both widths
+        specs += [dict(kind=k, width=w, precision="bf16", channels_last=cl, compile=co, **spec)
+                  for k in models for w in widths for cl, co in ((not layout[k], False), (layout[k], True))]
     result["train"] = []
     for spec in specs:
         row = child(args, spec)
@@ -209,13 +230,14 @@ def main(argv=None):
     samplers = [("ancestral", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
     result["sample"] = []
     for k in models:
-        result["sample"] += sample_rows(k, SMALL_WIDTH if args.quick else 1.0, device, args.repeats,
+        result["sample"] += sample_rows(k, widths[0], device, args.repeats,
                                         samplers[1:] if args.quick else samplers, args.data_dir)
     print(json.dumps(result["sample"]), flush=True)
 
     md = [f"GANji bench: {machine} ({device.type}), torch {torch.__version__}, {result['date']}"
           + (" (quick)" if args.quick else ""), "",
-          f"Matmul peak: fp32 {result['peak']['fp32']:.0f} GFLOP/s, bf16 {result['peak']['bf16']:.0f} GFLOP/s", "",
+          "Peak GFLOP/s (share_of_peak is against the higher of matmul and conv3x3): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in result["peak"].items() if " " in k), "",
           table([result["data"]], list(result["data"])), "",
           table(result["train"], ["model", "width", "precision", "channels_last", "compile", "batch", "params_M",
                                   "s_per_step", "img_per_s", "gflop_per_img", "gflops", "share_of_peak",

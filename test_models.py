@@ -1,4 +1,5 @@
 """GANji's test suite: data, the three models, sampling, the GUI. Tiny configs; runs on a 2-core CPU."""
+import json
 import os
 import pickle
 import struct
@@ -366,3 +367,31 @@ def test_bench_smoke_on_tiny_configs(data_dir):
     rows = bench.sample_rows("ddpm", 0.125, cpu, 1, [("ddim", 2)], data_dir)
     assert rows[0]["steps"] == 2 and rows[0]["s_per_4x4_grid"] > 0
     assert "| vae |" in bench.table([{"model": "vae", "x": 1.0}], ["model", "x"])
+
+
+def test_bench_cli_writes_table_and_json(data_dir, tmp_path):
+    out = tmp_path / "bench"
+    r = run_cli("bench.py", "--quick", "--models", "vae", "--widths", "0.125", "--batch-size", "4", "--repeats", "1",
+                "--data-dir", data_dir, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(out / "bench.json"))
+    assert {"fp32 matmul", "fp32 conv3x3", "bf16 matmul", "bf16 conv3x3"} <= set(result["peak"])
+    assert [(row["precision"], row["channels_last"]) for row in result["train"]] == [("fp32", False), ("bf16", False)]
+    assert all(row["s_per_step"] > 0 and 0 < row["share_of_peak"] for row in result["train"])
+    assert result["sample"][0]["model"] == "vae" and result["sample"][0]["s_per_4x4_grid"] > 0
+    table = (out / "bench.md").read_text()
+    assert "| vae | 0.125 | bf16 |" in table and table == r.stdout[r.stdout.index("GANji bench:"):].rsplit("wrote", 1)[0]
+
+
+@pytest.mark.parametrize("kind,default", [("vae", False), ("gan", True), ("ddpm", True)])
+def test_channels_last_flag_sets_the_layout(kind, default, data_dir):
+    """Every script honours --channels-last / --no-channels-last; the default is the faster layout on a CPU."""
+    mod = importlib.import_module(kind)
+    assert mod.get_parser().get_default("channels_last") is default
+    for flag, layout in (("--channels-last", torch.channels_last), ("--no-channels-last", torch.contiguous_format)):
+        args = mod.get_parser().parse_args(["--width", "0.125", "--image-size", "32", "--limit", "8",
+                                            "--data-dir", data_dir, "--device", "cpu", flag])
+        trainer = mod.Trainer(mod.config_from_args(args), torch.device("cpu"))
+        nets = [trainer.G, trainer.D] if kind == "gan" else [trainer.model if kind == "vae" else trainer.net]
+        convs = [m.weight for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
