@@ -1,7 +1,7 @@
-"""Measure how fast GANji trains and samples on this machine, against the machine's own matmul peak.
+"""Measure how fast GANji trains and samples on this machine, against the machine's own matmul and conv peak.
 
     python bench.py --quick          # a few minutes on a 2-core CPU: small configs, fewer repeats
-    python bench.py                  # the full table in the README (about an hour on a 2-core CPU)
+    python bench.py                  # the full table in the README (about 20 minutes on a 2-core CPU)
     python bench.py --device cuda --out bench_gpu
 
 Every figure is the median of several timed repeats after warm-up. Each training configuration runs
