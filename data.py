@@ -392,10 +392,10 @@ def keep_freed_memory():
     the step (DDPM width 1.0 bf16: 6.5 -> 3.2 s/step, bench.py). The cost: the process keeps its peak
     memory until it exits. Returns whether it applied (glibc only; a no-op on macOS, Windows, musl)."""
     import ctypes
-    import ctypes.util
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc's soname; musl and others raise OSError
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -395,3 +395,9 @@ def test_channels_last_flag_sets_the_layout(kind, default, data_dir):
         nets = [trainer.G, trainer.D] if kind == "gan" else [trainer.model if kind == "vae" else trainer.net]
         convs = [m.weight for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+
+
+def test_keep_freed_memory_applies_on_glibc_only():
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert data.keep_freed_memory() is glibc
