@@ -1,6 +1,6 @@
 """Measure how fast GANji trains and samples on this machine, against the machine's own matmul and conv peak.
 
-    python bench.py --quick          # a few minutes on a 2-core CPU: small configs, fewer repeats
+    python bench.py --quick          # under a minute on a 2-core CPU: small configs, fewer repeats
     python bench.py                  # the full table in the README (about 20 minutes on a 2-core CPU)
     python bench.py --device cuda --out bench_gpu
 
