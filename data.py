@@ -387,10 +387,11 @@ def pick_device(name="auto"):
 def keep_freed_memory():
     """Tell glibc's malloc to keep freed blocks for reuse instead of handing them back to the OS.
 
-    By default every block over 32 MiB (a batch of activations) is mmap'ed on allocation and munmap'ed on
-    free, so each training step page-faults all its activations in again: on the 2-core CPU that was half
-    the step (DDPM width 1.0 bf16: 6.5 -> 3.2 s/step, bench.py). The cost: the process keeps its peak
-    memory until it exits. Returns whether it applied (glibc only; a no-op on macOS, Windows, musl)."""
+    By default glibc mmaps large blocks (over 128 KiB, a threshold that adapts up to 32 MiB; a batch of
+    activations is larger) and munmaps them on free, so each training step page-faults all its activations in
+    again: on the 2-core CPU that was half the step (DDPM width 1.0 bf16: 6.5 -> 3.2 s/step, bench.py). The
+    cost: the process keeps its peak memory until it exits. Returns whether it applied (glibc only; a no-op on
+    macOS, Windows and musl)."""
     import ctypes
     if not sys.platform.startswith("linux"):
         return False
