@@ -480,12 +480,20 @@ def set_rng_state(state):
 
 
 def slerp(z0, z1, t):
-    """Latent morphs for vae.py and gan.py. Spherical interpolation between the rows of z0 and z1 (R, D) at fractions t (T,) -> (R, T, D)."""
+    """Spherical interpolation between the rows of z0 and z1 (R, D) at fractions t (T,) -> (R, T, D)."""
     z0, z1, t = z0[:, None], z1[:, None], t.view(1, -1, 1)
     omega = torch.acos(F.cosine_similarity(z0, z1, dim=2).clamp(-1, 1))[..., None]  # (R, 1, 1) angle
     so = torch.sin(omega)
     arc = (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / so.clamp_min(1e-6)
     return torch.where(so > 1e-6, arc, torch.lerp(z0, z1, t))  # (anti)parallel endpoints: a straight line
+
+
+def latent_morph(z0, z1, steps, spherical=True):
+    """Start and end latents (R, D) -> (R * steps, D), row-major: each row walks from z0 to z1 in `steps`
+    stops, along the great circle (slerp, keeps the norm a Gaussian draw has) or along a straight line."""
+    t = torch.linspace(0, 1, steps)
+    z = slerp(z0, z1, t) if spherical else torch.lerp(z0[:, None], z1[:, None], t.view(1, -1, 1))
+    return z.reshape(-1, z0.shape[1])
 
 
 class MetricsLog:

@@ -414,19 +414,12 @@ def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0,
     return data.denormalize(torch.cat(out), NORM)
 
 
-def slerp(z0, z1, a):
-    """Spherical interpolation between two noise tensors (keeps the norm a Gaussian sample has)."""
-    theta = torch.acos((z0.flatten() @ z1.flatten() / (z0.norm() * z1.norm())).clamp(-1, 1))
-    return (torch.sin((1 - a) * theta) * z0 + torch.sin(a * theta) * z1) / torch.sin(theta)
-
-
 def interpolate(net, cfg, rows, steps, seed=0, device="cpu", ddim_steps=50, progress=None):
     """(rows * steps, C, H, W) in [0, 1]: each row morphs between two start noises, decoded with DDIM eta = 0."""
     gen = torch.Generator().manual_seed(seed)
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    xT = torch.stack([slerp(z0, z1, a) for z0, z1 in
-                      (torch.randn(2, *shape, generator=gen) for _ in range(rows))
-                      for a in torch.linspace(0, 1, steps).tolist()])
+    z0, z1 = torch.randn(rows, 2, math.prod(shape), generator=gen).unbind(1)  # each (rows, C*H*W)
+    xT = data.latent_morph(z0, z1, steps).view(rows * steps, *shape)
     x = denoise(net, cfg, xT.to(device), gen, "ddim", ddim_steps, 0.0, progress)
     return data.denormalize(x.cpu(), NORM)
 

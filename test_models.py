@@ -401,3 +401,12 @@ def test_keep_freed_memory_applies_on_glibc_only():
     import platform
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert data.keep_freed_memory() is glibc
+
+
+def test_latent_morph_rows_walk_from_start_to_end():
+    z0, z1 = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    for spherical in (True, False):
+        z = data.latent_morph(z0, z1, 5, spherical).view(3, 5, 16)  # row-major: row r is z0[r] -> z1[r]
+        assert torch.allclose(z[:, 0], z0, atol=1e-5) and torch.allclose(z[:, -1], z1, atol=1e-5)
+    mid = data.latent_morph(z0, z1, 3, spherical=False).view(3, 3, 16)[:, 1]
+    assert torch.allclose(mid, (z0 + z1) / 2, atol=1e-6)

@@ -210,11 +210,8 @@ def sample(net, cfg, n, seed=0, device="cpu"):
 
 def interpolate(net, cfg, rows, steps, seed=0, device="cpu", spherical=True):
     """rows*steps images (row-major) in [0, 1]: each row morphs between two random latents."""
-    g = torch.Generator().manual_seed(seed)
-    z0, z1 = torch.randn(2, rows, cfg["latent_dim"], generator=g)
-    t = torch.linspace(0, 1, steps)
-    z = data.slerp(z0, z1, t) if spherical else torch.lerp(z0[:, None], z1[:, None], t.view(1, -1, 1))
-    return decode(net, z.reshape(rows * steps, -1), device)
+    z0, z1 = torch.randn(2, rows, cfg["latent_dim"], generator=torch.Generator().manual_seed(seed))
+    return decode(net, data.latent_morph(z0, z1, steps, spherical), device)
 
 
 # ----------------------------------------------------------------------------------------------------
