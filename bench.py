@@ -93,10 +93,30 @@ def bench_data(device, images, repeats, batch_size=64):
             "DataLoader+transforms batches/s": n / median_time(lambda: epoch(theirs), device, repeats)}
 
 
+def count_flops(fn):
+    """FLOPs of fn() by torch's own formulas (torch.utils.flop_counter.flop_registry: matmuls, convolutions,
+    attention, forward and backward). FlopCounterMode itself cannot be used: its module tracker fails inside
+    autograd.grad with respect to a leaf tensor, which is what the GAN's gradient penalty takes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Count.total += formula(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
 def train_row(kind, width, precision, channels_last, compile, batch, data_dir, device, repeats):
     """One training configuration, timed on a real kanji batch (run in a child process)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     mod = importlib.import_module(kind)
     argv = ["--width", str(width), "--precision", precision, "--batch-size", str(batch),
             "--image-size", "64", "--channels", "1", "--device", device.type]
@@ -110,9 +130,7 @@ def train_row(kind, width, precision, channels_last, compile, batch, data_dir, d
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     trainer.step(x)  # warm-up (and compilation) outside the flop count
-    with FlopCounterMode(display=False) as counter:
-        trainer.step(x)
-    flops = counter.get_total_flops()
+    flops = count_flops(lambda: trainer.step(x))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = median_time(lambda: trainer.step(x), device, repeats, warmup=1)

@@ -1,7 +1,72 @@
+"""Helpers shared by the test files: the render cache, one thread, running a CLI, the in-step Ctrl-C,
+comparing checkpoints, and the tiny run every model test trains."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# width 0.125, 32x32, 64 kanji, batch 16: 4 steps an epoch, a second or two per epoch on a 2-core CPU
+TINY = ["--width", "0.125", "--image-size", "32", "--limit", "64", "--batch-size", "16", "--device", "cpu",
+        "--precision", "fp32"]
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """One kanji render cache for the whole test session (each size renders once, ~3 s)."""
     return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads that wait for
+    each other make these tests 5-10x slower; the thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(data_dir, out, *extra):
+    """A training script's argv for the tiny run in folder `out`."""
+    return [*TINY, "--data-dir", str(data_dir), "--out", str(out), "--log-every", "1", *extra]
+
+
+def fake_dataset(n=64, channels=1, size=32):
+    """What config_from_args reads of a dataset (its shape and display), without loading one."""
+    import data
+    return data.Dataset(torch.zeros(n, channels, size, size, dtype=torch.uint8), "kanji", channels == 1)
+
+
+def run_cli(*args, cwd=HERE, timeout=300):
+    """Run a script of this repo as a user would (one thread); returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def ctrl_c_inside(monkeypatch, module_cls, at_call):
+    """Press Ctrl-C (a real SIGINT to this process) from inside the at_call-th forward pass of module_cls,
+    i.e. in the middle of a training step, after that step has already drawn its random numbers."""
+    forward, calls = module_cls.forward, [0]
+
+    def interrupted(self, *args):
+        calls[0] += 1
+        if calls[0] == at_call:
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, *args)
+
+    monkeypatch.setattr(module_cls, "forward", interrupted)
+
+
+def states_equal(a, b):
+    """Exact equality of two checkpoint (sub)trees: dicts, lists, tensors, numbers."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b

@@ -1,4 +1,4 @@
-"""Denoising diffusion (DDPM) on kanji with a U-Net, sampled fast with DDIM.
+"""Denoising diffusion (DDPM) on kanji with a U-Net, sampled fast with DDIM or DPM-Solver++.
 
     python ddpm.py                                   # train on the built-in kanji, 64x64
     python ddpm.py --width 0.25 --image-size 32 --limit 2000 --epochs 2 --out runs/ddpm_small
@@ -6,8 +6,12 @@
 
 Training: pick a random step t, noise a clean batch in one shot with q(x_t | x_0), and teach the U-Net to
 predict the noise (or v) with an MSE loss. Sampling walks back from pure noise: `ancestral` is the full
-T-step DDPM reverse process, `ddim` skips steps (50 by default) with the same trained network.
+T-step DDPM reverse process; `ddim` (50 steps by default) and `dpm++2m` (a second-order solver of the same
+ODE, good in 10-20 steps) skip steps with the same trained network.
 The diffusion math lives in small functions below so the tests can check each against its formula.
+
+The file reads top to bottom like the other two scripts: parse -> data -> model -> step -> loop ->
+checkpoint -> sampling API.
 """
 import argparse
 import copy
@@ -25,14 +29,15 @@ import data
 
 KIND = "ddpm"
 NORM = "11"  # images in [-1, 1], the scale the noise schedule assumes
-# what a run is made of; on --resume these come from the checkpoint, a different command-line value is ignored
-FIXED = ("dataset", "font", "image_size", "channels", "limit", "invert", "hflip", "batch_size", "lr", "seed",
-         "width", "attn", "timesteps", "schedule", "pred", "warmup", "clip", "weight_decay", "ema_decay")
+SAMPLERS = ("ddim", "dpm++2m", "ancestral")
 
+
+# ----------------------------------------------------------------------------------------------------
+# Parse
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train a U-Net denoising diffusion model (DDPM, DDIM sampling).")
-    data.add_common_args(p, epochs=100, batch_size=64, lr=5e-4, precision="bf16", sample_every=1)
+    data.add_common_args(p, epochs=100, batch_size=64, lr=5e-4)
     g = p.add_argument_group("ddpm")
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)")
     g.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
@@ -48,25 +53,29 @@ def get_parser():
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--ema-decay", type=float, default=0.999,
-                   help="EMA of the weights used for sampling, 0 = off (default: %(default)s)")
+                   help="decay of the EMA of the weights that draws the samples, ramped up as "
+                        "min(decay, (1 + step) / (10 + step)); 0 = off (default: %(default)s)")
     g.add_argument("--sample-steps", type=int, default=50,
                    help="DDIM steps (eta 0) for the per-epoch sample grids (default: %(default)s)")
     return p
 
 
+# ----------------------------------------------------------------------------------------------------
+# Data
+
 def config_from_args(args, ds=None):
-    """vars(args) plus what the dataset decides (real size, channels, display) and the run's total steps."""
+    """vars(args) plus what the dataset decides (real size, channels, display), the steps per epoch and the
+    run's total steps (the learning-rate schedule's length)."""
     ds = ds if ds is not None else data.data_from_args(args)
-    cfg = dict(vars(args))
     n, c, s = ds.images.shape[:3]
-    batches = math.ceil(n / args.batch_size)
-    cfg.update(image_size=s, channels=c, display_invert=ds.display_invert, dataset_name=ds.name, n_images=n,
-               total_steps=min(2, batches) if args.dry_run else args.epochs * batches)
-    return cfg
+    per_epoch = math.ceil(n / args.batch_size)
+    return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
+            "n_images": n, "steps_per_epoch": per_epoch,
+            "total_steps": min(2, per_epoch) if args.dry_run else args.epochs * per_epoch}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Diffusion math. Schedules in float64; x0 is the clean image, eps the unit Gaussian noise,
+# Model, part 1: the diffusion math. Schedules in float64; x0 is the clean image, eps the unit Gaussian noise,
 # ab = alpha_bar_t = prod_{s<=t} (1 - beta_s) the fraction of signal power left at step t (t from 0 to T-1).
 
 def schedule(T, kind):
@@ -154,7 +163,7 @@ def lr_at(step, total, base, warmup):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The U-Net
+# Model, part 2: the U-Net
 
 def ch(n, width):
     """Channel count n scaled by --width, a multiple of 8 (so GroupNorm always has whole groups)."""
@@ -285,12 +294,11 @@ def build(cfg):
 
 
 def layout(cfg):
-    """The memory format of --channels-last (checkpoints from before the flag was honoured: channels_last)."""
-    return torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
+    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Step
 
 class Trainer:
     """The network, its EMA copy and AdamW; `step` is one training step on a normalized batch."""
@@ -298,9 +306,9 @@ class Trainer:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
         self.net = build(cfg).to(self.device, memory_format=layout(cfg))
+        self.net_fwd = torch.compile(self.net) if cfg["compile"] else self.net
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if cfg["ema_decay"] > 0 else None
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        self.fwd = torch.compile(self.net) if cfg["compile"] else self.net
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.alpha_bar = schedule(cfg["timesteps"], cfg["schedule"])["alpha_bar"].float().to(self.device)
         self.step_count, self.lr = 0, cfg["lr"]
 
@@ -309,207 +317,218 @@ class Trainer:
         return self.ema if self.ema is not None else self.net
 
     def step(self, x):
+        """One AdamW step on x (N, C, S, S) in [-1, 1]; returns the loss and gradient norm as floats."""
         cfg = self.cfg
         self.lr = lr_at(self.step_count, cfg["total_steps"], cfg["lr"], cfg["warmup"])
-        for group in self.opt.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         t = torch.randint(0, cfg["timesteps"], (len(x),), device=x.device)
         eps = torch.randn_like(x)
         xt = q_sample(x, t, eps, self.alpha_bar)
         with data.autocast(self.device, cfg["precision"]):
-            out = self.fwd(xt, t)
+            out = self.net_fwd(xt, t)
         target = eps if cfg["pred"] == "eps" else v_target(x, eps, self.alpha_bar[t].view(-1, 1, 1, 1))
         loss = F.mse_loss(out.float(), target)
-        if not torch.isfinite(loss):  # leave the weights as they were; the caller stops the run
-            return {"loss": loss.item(), "grad_norm": float("nan")}
-        self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # leave the weights as they were; the loop stops the run
+            return {"loss": loss.item()}
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), cfg["clip"] or float("inf"))
-        self.opt.step()
-        if self.ema is not None:
-            self.update_ema()
+        self.optimizer.step()
+        if self.ema is not None:  # warm-up: early on the average must not cling to the random init
+            ema_update(self.ema, self.net, min(cfg["ema_decay"], (1 + self.step_count) / (10 + self.step_count)))
         self.step_count += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item()}
 
-    @torch.no_grad()
-    def update_ema(self):
-        # the decay ramps up from 0.1 so the EMA of a short run is not stuck at the initial weights
-        decay = min(self.cfg["ema_decay"], (1 + self.step_count) / (10 + self.step_count))
-        for e, p in zip(self.ema.parameters(), self.net.parameters()):
-            e.lerp_(p, 1 - decay)
-
     def state_dict(self):
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-                "opt": self.opt.state_dict(), "step": self.step_count}
+                "optimizer": self.optimizer.state_dict(), "step": self.step_count}
 
     def load_state_dict(self, d):
         self.net.load_state_dict(d["net"])
         if self.ema is not None:
             self.ema.load_state_dict(d["ema"])
-        self.opt.load_state_dict(d["opt"])
+        self.optimizer.load_state_dict(d["optimizer"])
         self.step_count = d["step"]
 
 
-def save_checkpoint(path, trainer, epoch, batch):
-    """epoch: completed epochs; batch: batches done in the epoch under way (0 at an epoch boundary)."""
-    data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": trainer.cfg,
-                      **trainer.state_dict(), "epoch": epoch, "batch": batch, "rng": data.rng_state()}, path)
-
-
-def load(path, device="cpu"):
-    """Checkpoint -> (sampling network with the EMA weights where there are some, in eval mode; config)."""
-    ckpt = data.load_checkpoint(path, KIND)
-    cfg = ckpt["config"]
-    net = build(cfg)
-    net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
-    return net.to(device, memory_format=layout(cfg)).eval(), cfg  # the layout training used
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """ema <- decay * ema + (1 - decay) * net, parameter by parameter (the U-Net has no buffers)."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1 - decay)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling
+# Loop
+
+def main(argv=None):
+    args, ckpt = data.open_run(get_parser(), argv, KIND)
+    device = data.pick_device(args.device)
+    ds = data.data_from_args(args)
+    cfg = config_from_args(args, ds)
+    torch.manual_seed(cfg["seed"])  # weight init
+    trainer = Trainer(cfg, device)
+    epoch, batch, seconds = 0, 0, 0.0  # completed epochs, batches done in the epoch under way, training time
+    if ckpt:
+        trainer.load_state_dict(ckpt)
+        epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
+        data.set_rng_state(ckpt["rng"])
+    out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
+    os.makedirs(out, exist_ok=True)
+    data.write_config(out, cfg)
+    log = data.MetricsLog(out)
+    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
+                           cfg["channels_last"])
+    epochs, per_epoch = (1, min(2, len(batches))) if cfg["dry_run"] else (cfg["epochs"], len(batches))
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
+          f"{device}, bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
+    t_run = time.perf_counter()
+    save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
+
+    with data.CtrlC() as stop:
+        while epoch < epochs:
+            sums, seen, t0 = {}, 0, time.perf_counter()
+            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            for x in batches.epoch(epoch, start=batch):
+                if batch >= per_epoch or stop.requested:
+                    break
+                losses = trainer.step(x)
+                if not math.isfinite(losses["loss"]):
+                    bar.close()
+                    sys.exit(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1} step "
+                             f"{trainer.step_count + 1}; stopped, {ckpt_path} keeps the last good state")
+                batch, seen = batch + 1, seen + len(x)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                img_s = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{img_s:.1f}")
+                bar.update()
+                if trainer.step_count % cfg["log_every"] == 0:
+                    log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
+                              lr=trainer.lr)
+            bar.close()
+            if stop.requested:
+                save()
+                print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
+                      file=sys.stderr)
+                sys.exit(130)
+            epoch, batch = epoch + 1, 0
+            if seen:
+                log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
+                          img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr)
+                print(f"epoch {epoch}/{epochs}: loss {sums['loss'] / seen:.4f}, step {trainer.step_count}")
+            if epoch % cfg["sample_every"] == 0 or epoch == epochs:  # the same fixed start noise every time
+                data.save_grid(sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device,
+                                      steps=cfg["sample_steps"]),
+                               os.path.join(out, f"samples_epoch{epoch:03d}.png"), cfg["display_invert"])
+            save()
+    print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint
+
+def save_checkpoint(path, trainer, epoch, batch, train_seconds):
+    """The self-describing checkpoint. epoch: completed epochs; batch: batches done in the epoch under way."""
+    data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": trainer.cfg, **trainer.state_dict(),
+                      "epoch": epoch, "batch": batch, "train_seconds": train_seconds,
+                      "machine": data.machine(trainer.device), "rng": data.rng_state()}, path)
+
+
+def load(path, device="cpu"):
+    """A checkpoint (full or slim) -> (U-Net with the EMA weights where there are some, eval mode, config)."""
+    ckpt = data.load_checkpoint(path, KIND)
+    cfg = ckpt["config"]
+    net = build(cfg)
+    net.load_state_dict(sampling_weights(ckpt))  # a slim file's bf16 weights are copied into fp32 parameters
+    return net.to(device, memory_format=layout(cfg)).eval(), cfg  # the layout training used
+
+
+def sampling_weights(ckpt):
+    """The state_dict that draws samples: a slim file's, else the EMA's, else the trained network's."""
+    return ckpt.get("sample_net") or (ckpt["ema"] if ckpt["ema"] is not None else ckpt["net"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling API (sample.py, the GUI, evaluate.py)
 
 @torch.no_grad()
 def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, done=0, total=None):
     """Run the reverse process from x = x_T (on the net's device) to x_0 in [-1, 1].
 
     Fresh noise for stochastic steps comes from the CPU generator `gen`, drawn once per step."""
+    if sampler not in SAMPLERS:
+        raise data.GanjiError(f"unknown sampler {sampler!r} ({' | '.join(SAMPLERS)})")
     sched = schedule(cfg["timesteps"], cfg["schedule"])
     ab = sched["alpha_bar"].tolist()
-    if sampler == "ancestral":
-        ts = list(range(cfg["timesteps"] - 1, -1, -1))
-    elif sampler == "ddim":
-        ts = ddim_timesteps(cfg["timesteps"], steps)[::-1]
-    else:
-        raise data.GanjiError(f"unknown sampler {sampler!r} (ancestral | ddim)")
+    ts = list(range(cfg["timesteps"] - 1, -1, -1)) if sampler == "ancestral" else \
+        ddim_timesteps(cfg["timesteps"], steps)[::-1]
     device = x.device
-    stochastic = sampler == "ancestral" or eta > 0
+    stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
+    x0_prev = h_prev = None  # dpm++2m: the previous step's x0 estimate and log-SNR step
     for i, t in enumerate(ts):
         tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-        with data.autocast(device, cfg["precision"]):
+        with data.autocast(device):
             out = net(x, tt).float()
         x0, eps = split_prediction(out, x, ab[t], cfg["pred"], clip=True)
-        noise = torch.randn(x.shape, generator=gen).to(device) if stochastic else None
+        ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
         if sampler == "ancestral":
-            x = ancestral_step(x0, x, t, sched, noise)
+            x = ancestral_step(x0, x, t, sched, torch.randn(x.shape, generator=gen).to(device))
+        elif sampler == "ddim":
+            x = ddim_step(x0, eps, ab[t], ab_prev, eta, torch.randn(x.shape, generator=gen).to(device)
+                          if stochastic else None)
         else:
-            ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
-            x = ddim_step(x0, eps, ab[t], ab_prev, eta, noise)
+            x, h_prev = dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab[t], ab_prev)
+            x0_prev = x0
         if progress is not None:
             progress(done + i + 1, total or len(ts))
     return x
 
 
+def dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab_t, ab_next):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2) from signal fraction ab_t to ab_next > ab_t.
+
+    With alpha = sqrt(ab), sigma = sqrt(1 - ab) and lambda = log(alpha / sigma), the step h = lambda_next -
+    lambda_t; x0 is extrapolated linearly in lambda from this and the previous estimate (D = (1 + 1/2r) x0 -
+    1/2r x0_prev, r = h_prev / h), then x_next = sigma_next / sigma_t x - alpha_next (e^-h - 1) D. The first step
+    (no previous estimate) is first order, which is exactly DDIM; the last (ab_next = 1) returns x0 itself.
+    -> (x_next, h)."""
+    if ab_next >= 1.0:
+        return x0, None
+    lam = lambda a: 0.5 * math.log(a / (1 - a))
+    h = lam(ab_next) - lam(ab_t)
+    d = x0 if x0_prev is None else x0 + (x0 - x0_prev) / (2 * h_prev / h)
+    return ((1 - ab_next) / (1 - ab_t)) ** 0.5 * x - ab_next ** 0.5 * math.expm1(-h) * d, h
+
+
 def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0, progress=None, batch_size=256):
     """n images (n, C, H, W) in [0, 1] on CPU, ink bright. Same seed -> same images; global RNG untouched.
 
-    Works in chunks of batch_size; the start noise of all n images is drawn first, so DDIM with eta = 0
-    gives the same images whatever the chunking. progress(i, total) is called after every denoising step."""
+    Works in chunks of batch_size; the start noise of all n images is drawn first, so the deterministic
+    samplers give the same images whatever the chunking. progress(i, total) is called after every step."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     xT = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], generator=gen)
-    per = len(ddim_timesteps(cfg["timesteps"], steps)) if sampler == "ddim" else cfg["timesteps"]
+    per = cfg["timesteps"] if sampler == "ancestral" else len(ddim_timesteps(cfg["timesteps"], steps))
     chunks = xT.split(batch_size)
     out = [denoise(net, cfg, x.to(device), gen, sampler, steps, eta, progress, i * per, len(chunks) * per).cpu()
            for i, x in enumerate(chunks)]
     return data.denormalize(torch.cat(out), NORM)
 
 
-def interpolate(net, cfg, rows, steps, seed=0, device="cpu", ddim_steps=50, progress=None):
-    """(rows * steps, C, H, W) in [0, 1]: each row morphs between two start noises, decoded with DDIM eta = 0."""
+def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", steps=50, progress=None):
+    """(rows * frames, C, H, W) in [0, 1]: each row morphs between two start noises, decoded with a
+    deterministic sampler (ddim with eta 0, or dpm++2m)."""
+    if sampler == "ancestral":
+        raise data.GanjiError("a morph needs a deterministic sampler (ddim or dpm++2m), not ancestral")
     gen = torch.Generator().manual_seed(seed)
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
     z0, z1 = torch.randn(rows, 2, math.prod(shape), generator=gen).unbind(1)  # each (rows, C*H*W)
-    xT = data.latent_morph(z0, z1, steps).view(rows * steps, *shape)
-    x = denoise(net, cfg, xT.to(device), gen, "ddim", ddim_steps, 0.0, progress)
+    xT = data.latent_morph(z0, z1, frames).view(rows * frames, *shape)
+    x = denoise(net, cfg, xT.to(device), gen, sampler, steps, 0.0, progress)
     return data.denormalize(x.cpu(), NORM)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The training run
-
-def explicit_flags(argv):
-    """The dests given on the command line (to tell `--epochs 100` from the default 100 on --resume)."""
-    p = get_parser()
-    p.set_defaults(**{k: None for k in vars(p.parse_args([]))})
-    return {k for k, v in vars(p.parse_args(argv)).items() if v is not None}
-
-
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    device = data.pick_device(args.device)
-    args.out = args.out or os.path.join("runs", f"{KIND}_{os.path.basename(os.path.normpath(args.dataset))}")
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise data.GanjiError(f"--resume: no ckpt.pt in {args.out}")
-        ckpt = data.load_checkpoint(ckpt_path, KIND)
-        given, old = explicit_flags(argv if argv is not None else sys.argv[1:]), ckpt["config"]
-        ignored = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {old[k]})"
-                   for k in FIXED if k in given and getattr(args, k) != old[k]]
-        if ignored:
-            print(f"warning: resuming with the checkpoint's settings, ignoring {', '.join(ignored)}", file=sys.stderr)
-        # the checkpoint's settings, except flags given now that do not change what the run is made of
-        keep = {k: old[k] for k in vars(args) if k in old and (k in FIXED or k not in given)}
-        args = argparse.Namespace(**{**vars(args), **keep, "out": args.out, "resume": True, "dry_run": args.dry_run})
-    elif os.path.isfile(ckpt_path):
-        raise data.GanjiError(f"{ckpt_path} exists: pass --resume to continue that run, or another --out")
-    ds = data.data_from_args(args)
-    cfg = config_from_args(args, ds)
-
-    torch.manual_seed(cfg["seed"])  # weight init and the training noise
-    trainer = Trainer(cfg, device)
-    epoch, batch = 0, 0
-    if args.resume:
-        trainer.load_state_dict(ckpt)
-        epoch, batch = ckpt["epoch"], ckpt["batch"]
-        data.set_rng_state(ckpt["rng"])
-    os.makedirs(args.out, exist_ok=True)
-    data.write_config(args.out, cfg)
-    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
-                           cfg["channels_last"])
-    log = data.MetricsLog(args.out)
-    epochs = 1 if args.dry_run else cfg["epochs"]
-    n_params = sum(p.numel() for p in trainer.net.parameters())
-    print(f"ddpm: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
-          f"{len(batches)} batches/epoch, device {device}, {cfg['precision']}, run folder {args.out}")
-    if epoch >= epochs:
-        print(f"nothing to do: {ckpt_path} has already done {epoch} of {epochs} epochs")
-        return
-
-    try:
-        for epoch in range(epoch, epochs):
-            bar = tqdm(batches.epoch(epoch, start=batch), total=len(batches), initial=batch,
-                       desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-            t0, seen, loss_sum, n_steps = time.perf_counter(), 0, 0.0, 0
-            for x in bar:
-                losses = trainer.step(x)
-                if not math.isfinite(losses["loss"]):
-                    print(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1}, step {trainer.step_count + 1}; "
-                          f"stopped, {ckpt_path} keeps the last good state", file=sys.stderr)
-                    sys.exit(1)
-                batch, seen, n_steps = batch + 1, seen + len(x), n_steps + 1
-                loss_sum += losses["loss"]
-                img_s = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{img_s:.1f}")
-                if trainer.step_count % cfg["log_every"] == 0:
-                    log.write(epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s, lr=trainer.lr)
-                if args.dry_run and n_steps >= 2:
-                    break
-            bar.close()
-            if n_steps:  # (none when resuming an epoch that was interrupted after its last batch)
-                img_s, loss = seen / (time.perf_counter() - t0), loss_sum / n_steps
-                log.write(epoch=epoch + 1, step=trainer.step_count, loss=loss, img_per_s=img_s, lr=trainer.lr)
-                print(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, {img_s:.1f} img/s, step {trainer.step_count}")
-            if (epoch + 1) % cfg["sample_every"] == 0 or epoch + 1 == epochs:
-                grid = sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device, steps=cfg["sample_steps"])
-                data.save_grid(grid, os.path.join(args.out, f"samples_epoch{epoch + 1:03d}.png"), cfg["display_invert"])
-            batch = 0
-            save_checkpoint(ckpt_path, trainer, epoch + 1, 0)
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, trainer, epoch, batch)
-        print(f"\ninterrupted: saved {ckpt_path} (epoch {epoch + 1}, batch {batch}); continue with --resume",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

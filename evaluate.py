@@ -439,8 +439,9 @@ def load_images(path, size):
     return 255 - x if x.float().mean() > 127.5 else x
 
 
-def sample_checkpoint(kind, path, n, seed, device, batch_size):
-    """n samples of a checkpoint with its default sampler, in batches: (n, C, S, S) [0, 1], config, kind."""
+def sample_checkpoint(kind, path, n, seed, device, batch_size, **sampler):
+    """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind. sampler: the DDPM's sampler
+    and steps (default: ddpm.sample's)."""
     import sample
     from tqdm import tqdm
 
@@ -450,7 +451,8 @@ def sample_checkpoint(kind, path, n, seed, device, batch_size):
     out = []
     for b, i in enumerate(tqdm(range(0, n, batch_size), desc=f"sampling {mod.KIND}", leave=False)):
         # one seed per batch, derived from --seed: the same n and seed give the same samples
-        out.append(sample.generate(mod, net, cfg, min(batch_size, n - i), seed=seed * 1_000_003 + b, device=device))
+        out.append(sample.generate(mod, net, cfg, min(batch_size, n - i), seed=seed * 1_000_003 + b, device=device,
+                                   **sampler))
     return torch.cat(out).float().cpu(), cfg, mod.KIND
 
 
@@ -496,6 +498,17 @@ def calibrate(args, ref, ds, net):
     return results
 
 
+def write_record(path, m, sampler):
+    """Put the figures into a slim file's record, so that `sample.py info` and the window show them."""
+    ckpt = data.load_checkpoint(path)
+    if not ckpt.get("slim"):
+        raise data.GanjiError(f"--record writes into slim files only; make one with: python sample.py export {path} OUT")
+    ckpt["record"]["evaluate"] = {**{k: m[k] for k in ("n", "fid", "kid", "precision", "recall", "near_copy_rate")},
+                                  "sampler": sampler, "date": time.strftime("%Y-%m-%d")}
+    data.atomic_save(ckpt, path)
+    print(f"wrote the figures into {path}'s record")
+
+
 def table_row(m):
     c = m["closest_iou"]
     return (f"| {m.get('row', m.get('source', ''))} | {m['n']} vs {m['reference_n']} | {m['fid']:.2f} | "
@@ -513,7 +526,12 @@ def get_parser():
     p = argparse.ArgumentParser(description="Measure realism (FID, KID, precision/recall) and novelty "
                                             "(near-copy rate) of fake kanji against the kanji training set.")
     p.add_argument("kind", nargs="?", choices=("vae", "gan", "ddpm", "auto"), help="model kind of CKPT")
-    p.add_argument("ckpt", nargs="?", help="checkpoint to sample from with its default sampler")
+    p.add_argument("ckpt", nargs="?", help="checkpoint to sample from (full or slim)")
+    p.add_argument("--sampler", default=None, choices=("ddim", "dpm++2m", "ancestral"),
+                   help="DDPM sampler (default: ddpm.py's, ddim)")
+    p.add_argument("--steps", type=int, default=None, help="DDPM sampler steps (default: ddpm.py's, 50)")
+    p.add_argument("--record", action="store_true",
+                   help="also write the figures into the slim file's record (pretrained/*.pt)")
     p.add_argument("--images", default=None, metavar="DIR_OR_FILE",
                    help="measure these instead: a folder of glyph images (recursively) or one grid PNG as "
                         "sample.py writes it; black-on-white or white-on-black")
@@ -557,6 +575,8 @@ def main(argv=None):
     modes = sum([args.ckpt is not None, args.images is not None, args.calibrate, args.train_features])
     if modes != 1 or (args.kind is None) != (args.ckpt is None):
         raise data.GanjiError("give exactly one of: KIND CKPT, --images PATH, --calibrate, --train-features")
+    if args.record and not args.ckpt:
+        raise data.GanjiError("--record needs KIND CKPT: it writes the figures into that slim file")
     if args.n < 2 or args.batch_size < 1:
         raise data.GanjiError("--n must be at least 2 and --batch-size at least 1")
     if args.train_features:
@@ -571,8 +591,11 @@ def main(argv=None):
     t0 = time.time()
     images, cfg, source = None, {}, None
     if args.ckpt:
-        images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size)
-        source = f"{kind} {args.ckpt} (default sampler, seed {args.seed})"
+        sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
+        images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size,
+                                              **sampler)
+        how = "" if kind != "ddpm" else f"{args.sampler or 'ddim'} {args.steps or 50} steps, "
+        source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
     size = args.image_size or cfg.get("image_size") or 64
     font = args.font or cfg.get("font")
     ref, ds = kanji_reference(font, size, args.data_dir, net, device, args.limit)
@@ -593,6 +616,8 @@ def main(argv=None):
               f"recall {m['recall']:.3f}, near copies {m['near_copy_rate']:.1%} (closest IoU > {COPY_IOU}), "
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
+        if args.record:
+            write_record(args.ckpt, m, how.rstrip(", ") or "-")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"features": feature_note, "results": results}, f, indent=2)

@@ -3,7 +3,7 @@
     python gan.py                                          # built-in kanji, 64x64, reference width 1.0
     python gan.py --dataset mnist --epochs 20              # MNIST at 32x32
     python gan.py --width 0.25 --limit 2000 --epochs 2 --out runs/gan_small
-    python gan.py --width 0.25 --limit 2000 --epochs 3 --out runs/gan_small --resume
+    python gan.py --out runs/gan_small --resume --epochs 3
 
 Generator: z (latent_dim) -> linear -> 512 x S/16 x S/16 -> 4 residual up blocks (512 -> 128 channels,
 BatchNorm) -> BN, ReLU, conv3x3, tanh -> image in [-1, 1].
@@ -11,19 +11,21 @@ Discriminator: 4 residual down blocks (128 -> 512 channels, no normalization, so
 its own image only, as the gradient penalty assumes) -> ReLU, global average pool -> linear -> one score.
 Losses: hinge (default), wasserstein or non-saturating bce, plus --gp * E[(||grad_x D(x_hat)|| - 1)^2] on
 x_hat = a * real + (1 - a) * fake with one a ~ U(0, 1) per image. Samples come from an EMA copy of G.
+
+The file reads top to bottom like the other two scripts: parse -> data -> model -> step -> loop ->
+checkpoint -> sampling API.
 """
 import argparse
 import copy
 import math
 import os
-import signal
 import sys
-import threading
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 
@@ -31,14 +33,14 @@ KIND = "gan"
 NORM = "11"  # images in [-1, 1], the range of the generator's tanh
 G_CHANNELS = (512, 256, 128, 128, 128)  # the latent tensor, then the output of each of the 4 up blocks
 D_CHANNELS = (128, 128, 256, 512)  # the output of each of the 4 down blocks
-# on --resume these come from the command line, everything else from the checkpoint's config
-RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", "resume", "sample_every",
-            "log_every", "dry_run", "data_dir")
 
+
+# ----------------------------------------------------------------------------------------------------
+# Parse
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the GANji ResNet GAN (hinge loss + gradient penalty).")
-    data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4, precision="bf16", sample_every=1)
+    data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4)
     g = p.add_argument_group("gan")
     g.add_argument("--latent-dim", type=int, default=128, help="size of the latent z (default: %(default)s)")
     g.add_argument("--loss", default="hinge", choices=("hinge", "wasserstein", "bce"),
@@ -53,29 +55,28 @@ def get_parser():
                    help="Adam betas of the generator (default: %(default)s)")
     g.add_argument("--betas-d", type=float, nargs=2, default=None, metavar=("B1", "B2"),
                    help="Adam betas of the discriminator (default: same as --betas)")
-    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="sample from an exponential moving average of the generator's weights (default: on)")
     g.add_argument("--ema-decay", type=float, default=0.999,
-                   help="EMA decay, ramped up as min(decay, (1 + step) / (10 + step)) (default: %(default)s)")
+                   help="decay of the EMA of G's weights that draws the samples, ramped up as "
+                        "min(decay, (1 + step) / (10 + step)); 0 = off (default: %(default)s)")
     return p
 
 
-def config_from_args(args):
-    """vars(args) plus the real image size, channels and display inversion, and the resolved D optimizer."""
-    cfg = dict(vars(args))
-    size0, ch0 = data.NATIVE.get(args.dataset, (64, 1))
-    cfg["image_size"] = args.image_size or size0
-    cfg["channels"] = args.channels or ch0
-    cfg["display_invert"] = args.dataset == "kanji" or (args.dataset not in data.NATIVE and cfg["channels"] == 1)
-    cfg["lr_d"] = args.lr if args.lr_d is None else args.lr_d
-    cfg["betas_d"] = args.betas if args.betas_d is None else args.betas_d
-    cfg["kind"] = KIND
-    if cfg["image_size"] % 16 or cfg["image_size"] < 32:
-        raise data.GanjiError(f"the GAN needs an --image-size that is a multiple of 16 and at least 32, "
-                              f"got {cfg['image_size']}")
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+def config_from_args(args, ds=None):
+    """vars(args) plus what the dataset decides (real size, channels, display), the steps per epoch and the
+    resolved D optimizer settings."""
+    ds = ds if ds is not None else data.data_from_args(args)
+    n, c, s = ds.images.shape[:3]
+    if s % 16 or s < 32:
+        raise data.GanjiError(f"the GAN needs an --image-size that is a multiple of 16 and at least 32, got {s}")
     if args.n_critic < 1:
         raise data.GanjiError(f"--n-critic must be at least 1, got {args.n_critic}")
-    return cfg
+    return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
+            "n_images": n, "steps_per_epoch": math.ceil(n / args.batch_size),
+            "lr_d": args.lr if args.lr_d is None else args.lr_d,
+            "betas_d": args.betas if args.betas_d is None else args.betas_d}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,6 +182,10 @@ def build(cfg):
             Discriminator(cfg["channels"], cfg["width"]))
 
 
+def layout(cfg):
+    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+
+
 # ----------------------------------------------------------------------------------------------------
 # Losses, gradient penalty, EMA (module level so the tests check them on fixed numbers)
 
@@ -222,7 +227,6 @@ def gradient_penalty(D, real, fake):
     the gradient itself, its norm and the penalty are fp32.
     """
     x = interpolates(real.detach().float(), fake.detach().float())[0].requires_grad_(True)
-    x = x.view_as(x)  # a non-leaf input: FlopCounterMode (bench.py) fails on a leaf inside autograd.grad
     score = D(x).float()
     grad, = torch.autograd.grad(score.sum(), x, create_graph=True)  # D(x_i) depends on x_i only; fp32 like x
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
@@ -238,24 +242,22 @@ def ema_update(ema, net, decay):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training step
+# Step
 
 class Trainer:
-    """G, D, their Adam optimizers, the EMA of G and autocast; `step` is the whole hot path (bench.py times it)."""
+    """G, D, their Adam optimizers and the EMA of G; `step` is the whole hot path (bench.py times it)."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
-        self.channels_last = cfg.get("channels_last", True)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.G, self.D = (m.to(self.device, memory_format=fmt) for m in build(cfg))
-        # the EMA copy stays in eval mode for good: sampling from it never touches G's train/eval state
-        self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg["ema"] else None
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
+        self.G, self.D = (m.to(self.device, memory_format=layout(cfg)) for m in build(cfg))
         # compiled views for the forward passes; the penalty's double backward runs on the plain D
         # (torch.compile does not support create_graph=True), state_dicts come from the plain modules
-        self.g, self.d = (torch.compile(m) if cfg.get("compile") else m for m in (self.G, self.D))
-        self.steps = 0  # generator steps done, for the EMA warm-up
+        self.G_fwd, self.D_fwd = (torch.compile(m) if cfg["compile"] else m for m in (self.G, self.D))
+        # the EMA copy stays in eval mode for good: sampling from it never touches G's train/eval state
+        self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg["ema_decay"] > 0 else None
+        self.optimizer_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        self.optimizer_d = torch.optim.Adam(self.D.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
+        self.step_count, self.lr = 0, cfg["lr"]
 
     @property
     def sample_net(self):
@@ -271,63 +273,145 @@ class Trainer:
             z = torch.randn(n, cfg["latent_dim"], device=self.device)
             last = i == cfg["n_critic"] - 1  # the last batch of fakes is reused by the G step below
             with torch.set_grad_enabled(last), self.autocast():
-                fake = self.g(z)
+                fake = self.G_fwd(z)
             with self.autocast():  # one D pass over real and fake together (D has no batch statistics)
-                real_s, fake_s = self.d(torch.cat([x, fake.detach().to(x.dtype)])).float().split(n)
+                real_s, fake_s = self.D_fwd(torch.cat([x, fake.detach().to(x.dtype)])).float().split(n)
             loss_d = d_loss(cfg["loss"], real_s, fake_s)
             with self.autocast():
                 gp = gradient_penalty(self.D, x, fake) if cfg["gp"] > 0 else torch.zeros((), device=self.device)
-            self.opt_d.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss_d + gp):  # leave the weights as they were; the loop stops the run
+                return {"loss_d": (loss_d + gp).item()}
+            self.optimizer_d.zero_grad(set_to_none=True)
             (loss_d + cfg["gp"] * gp).backward()
-            self.opt_d.step()
+            self.optimizer_d.step()
 
         self.D.requires_grad_(False)  # the G step needs D's input gradient only, not its weight gradients
         with self.autocast():  # the updated D scores the same fakes
-            loss_g = g_loss(cfg["loss"], self.d(fake).float())
-        self.opt_g.zero_grad(set_to_none=True)
+            loss_g = g_loss(cfg["loss"], self.D_fwd(fake).float())
+        self.optimizer_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        self.opt_g.step()
+        self.optimizer_g.step()
         self.D.requires_grad_(True)
 
         if self.ema is not None:  # warm-up: early on the average must not cling to the random init
-            ema_update(self.ema, self.G, min(cfg["ema_decay"], (1 + self.steps) / (10 + self.steps)))
-        self.steps += 1
+            ema_update(self.ema, self.G, min(cfg["ema_decay"], (1 + self.step_count) / (10 + self.step_count)))
+        self.step_count += 1
         vals = torch.stack([loss_d, loss_g, gp, real_s.mean(), fake_s.mean()]).tolist()  # one device sync
         return dict(zip(("loss_d", "loss_g", "gp", "d_real", "d_fake"), vals))
 
     def state_dict(self):
         return {"G": self.G.state_dict(), "D": self.D.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.steps}
+                "optimizer_g": self.optimizer_g.state_dict(), "optimizer_d": self.optimizer_d.state_dict(),
+                "step": self.step_count}
 
     def load_state_dict(self, d):
         self.G.load_state_dict(d["G"])
         self.D.load_state_dict(d["D"])
         if self.ema is not None:
             self.ema.load_state_dict(d["ema"])
-        self.opt_g.load_state_dict(d["opt_g"])
-        self.opt_d.load_state_dict(d["opt_d"])
-        self.steps = d["step"]
+        self.optimizer_g.load_state_dict(d["optimizer_g"])
+        self.optimizer_d.load_state_dict(d["optimizer_d"])
+        self.step_count = d["step"]
 
 
-def save_checkpoint(path, trainer, cfg, epoch, batch):
-    """The self-describing checkpoint: config, networks, optimizers, EMA, position (epoch, batch) and RNG."""
-    data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": cfg, **trainer.state_dict(),
-                      "epoch": epoch, "batch": batch, "rng": data.rng_state()}, path)
+# ----------------------------------------------------------------------------------------------------
+# Loop
+
+def main(argv=None):
+    args, ckpt = data.open_run(get_parser(), argv, KIND)
+    device = data.pick_device(args.device)
+    ds = data.data_from_args(args)
+    cfg = config_from_args(args, ds)
+    torch.manual_seed(cfg["seed"])  # weight init
+    trainer = Trainer(cfg, device)
+    epoch, batch, seconds = 0, 0, 0.0  # completed epochs, batches done in the epoch under way, training time
+    if ckpt:
+        trainer.load_state_dict(ckpt)
+        epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
+        data.set_rng_state(ckpt["rng"])
+    out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
+    os.makedirs(out, exist_ok=True)
+    data.write_config(out, cfg)
+    log = data.MetricsLog(out)
+    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
+                           cfg["channels_last"])
+    epochs, per_epoch = (1, min(2, len(batches))) if cfg["dry_run"] else (cfg["epochs"], len(batches))
+    n_g, n_d = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (trainer.G, trainer.D))
+    print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
+          f"{tuple(ds.images.shape[1:])}, {device}, bf16 {data.use_bf16(device, cfg['precision'])}, "
+          f"epoch {epoch}/{epochs}, run folder {out}")
+    t_run = time.perf_counter()
+    save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
+
+    with data.CtrlC() as stop:
+        while epoch < epochs:
+            sums, seen, t0 = {}, 0, time.perf_counter()
+            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            for x in batches.epoch(epoch, start=batch):
+                if batch >= per_epoch or stop.requested:
+                    break
+                losses = trainer.step(x)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    bar.close()
+                    sys.exit(f"error: non-finite loss ({', '.join(f'{k}={v:.4g}' for k, v in losses.items())}) at "
+                             f"epoch {epoch + 1} step {trainer.step_count + 1}; stopped, {ckpt_path} keeps the "
+                             "last good state")
+                batch, seen = batch + 1, seen + len(x)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                img_s = seen / (time.perf_counter() - t0)
+                bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}", gp=f"{losses['gp']:.3f}",
+                                img_s=f"{img_s:.1f}")
+                bar.update()
+                if trainer.step_count % cfg["log_every"] == 0:
+                    log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
+                              lr=trainer.lr, lr_d=cfg["lr_d"])
+            bar.close()
+            if stop.requested:
+                save()
+                print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
+                      file=sys.stderr)
+                sys.exit(130)
+            epoch, batch = epoch + 1, 0
+            if seen:
+                log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
+                          img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr, lr_d=cfg["lr_d"])
+                print(f"epoch {epoch}/{epochs}: loss_d {sums['loss_d'] / seen:.3f}, loss_g {sums['loss_g'] / seen:.3f}, "
+                      f"step {trainer.step_count}")
+            if epoch % cfg["sample_every"] == 0 or epoch == epochs:  # the same fixed latents every time
+                data.save_grid(sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device),
+                               os.path.join(out, f"samples_epoch{epoch:03d}.png"), cfg["display_invert"])
+            save()
+    print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint
+
+def save_checkpoint(path, trainer, epoch, batch, train_seconds):
+    """The self-describing checkpoint. epoch: completed epochs; batch: batches done in the epoch under way."""
+    data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": trainer.cfg, **trainer.state_dict(),
+                      "epoch": epoch, "batch": batch, "train_seconds": train_seconds,
+                      "machine": data.machine(trainer.device), "rng": data.rng_state()}, path)
+
+
+def load(path, device="cpu"):
+    """A checkpoint (full or slim) -> (generator with the EMA weights where there are some, eval mode, config)."""
+    ckpt = data.load_checkpoint(path, KIND)
+    cfg = ckpt["config"]
+    G, _ = build(cfg)
+    G.load_state_dict(sampling_weights(ckpt))  # a slim file's bf16 weights are copied into fp32 parameters
+    return G.to(device, memory_format=layout(cfg)).eval(), cfg  # the layout of training: the very same numbers
+
+
+def sampling_weights(ckpt):
+    """The state_dict that draws samples: a slim file's, else the EMA generator's, else the generator's."""
+    return ckpt.get("sample_net") or (ckpt["ema"] if ckpt["ema"] is not None else ckpt["G"])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling API (sample.py, the GUI, evaluate.py)
-
-def load(path, device="cpu"):
-    """A checkpoint -> (generator with the EMA weights where there are some, in eval mode on `device`, config)."""
-    ckpt = data.load_checkpoint(path, KIND)
-    cfg = ckpt["config"]
-    G, _ = build(cfg)
-    G.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["G"])
-    fmt = torch.channels_last if cfg.get("channels_last", True) else torch.contiguous_format
-    return G.to(device, memory_format=fmt).eval(), cfg  # the layout of training: the very same numbers
-
 
 @torch.no_grad()
 def generate(net, z, device="cpu", chunk=256):
@@ -336,10 +420,12 @@ def generate(net, z, device="cpu", chunk=256):
     The net runs in eval mode (BatchNorm uses its running statistics and updates nothing); every
     module's train/eval flag is put back afterwards, so drawing a grid mid-training changes nothing.
     """
+    device = torch.device(device)
     modes = [(m, m.training) for m in net.modules()]
     net.eval()
     try:
-        return torch.cat([data.denormalize(net(part.to(device)), NORM).cpu() for part in z.split(chunk)])
+        with data.autocast(device):
+            return torch.cat([data.denormalize(net(part.to(device)), NORM).cpu() for part in z.split(chunk)])
     finally:
         for m, training in modes:
             m.training = training
@@ -351,106 +437,10 @@ def sample(net, cfg, n, seed=0, device="cpu"):
     return generate(net, z, device)
 
 
-def interpolate(net, cfg, rows, steps, seed=0, device="cpu", spherical=True):
-    """rows*steps images (row-major) in [0, 1]: each row morphs between two random latents."""
+def interpolate(net, cfg, rows, frames, seed=0, device="cpu", spherical=True):
+    """rows * frames images (row-major) in [0, 1]: each row morphs between two random latents."""
     z0, z1 = torch.randn(2, rows, cfg["latent_dim"], generator=torch.Generator().manual_seed(seed))
-    return generate(net, data.latent_morph(z0, z1, steps, spherical), device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training loop
-
-def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    out, ckpt, cfg = data.open_run(KIND, parser, args, RUN_KEYS, config_from_args)
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    device = data.pick_device(cfg["device"])
-    ds = data.data_from_args(argparse.Namespace(**cfg))
-    os.makedirs(out, exist_ok=True)
-    data.write_config(out, cfg)
-    log = data.MetricsLog(out)
-
-    torch.manual_seed(cfg["seed"])  # weight init
-    trainer = Trainer(cfg, device)
-    epoch, batch = 0, 0  # completed epochs, batches done in the current epoch
-    if ckpt:
-        trainer.load_state_dict(ckpt)
-        epoch, batch = ckpt["epoch"], ckpt["batch"]
-        data.set_rng_state(ckpt["rng"])
-    n_g, n_d = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (trainer.G, trainer.D))
-    print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
-          f"{tuple(ds.images.shape[1:])}, {device}, {cfg['precision']}, epoch {epoch}/{cfg['epochs']}")
-
-    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
-                           channels_last=trainer.channels_last)
-    epochs = 1 if cfg["dry_run"] else cfg["epochs"]
-    per_epoch = 2 if cfg["dry_run"] else len(batches)
-    lrs = {"lr": cfg["lr"], "lr_d": cfg["lr_d"]}
-
-    # Ctrl-C: the first one lets the current step finish, so the checkpoint holds whole steps only and
-    # --resume continues exactly; a second one stops at once without saving
-    sigints = []
-
-    def on_sigint(signum, frame):
-        sigints.append(signum)
-        if len(sigints) > 1:
-            raise KeyboardInterrupt
-        print("\nCtrl-C: stopping after this step (again to quit without saving)", file=sys.stderr)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
-
-    from tqdm import tqdm
-    try:
-        while epoch < epochs:
-            sums, seen, t0 = {}, 0, time.perf_counter()
-            t_log, seen_log = t0, 0
-            with tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}") as bar:
-                for x in batches.epoch(epoch, start=batch):
-                    if batch >= per_epoch:
-                        break
-                    if sigints:
-                        raise KeyboardInterrupt
-                    losses = trainer.step(x)
-                    if not all(math.isfinite(v) for v in losses.values()):
-                        bar.close()  # so that the error is the last line on the terminal
-                        shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
-                        print(f"error: non-finite loss ({shown}) at epoch {epoch + 1} step {trainer.steps}; "
-                              f"stopping, {ckpt_path} keeps the last good state", file=sys.stderr)
-                        sys.exit(1)
-                    batch, seen, seen_log = batch + 1, seen + len(x), seen_log + len(x)
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + v * len(x)
-                    bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}",
-                                    gp=f"{losses['gp']:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-                    bar.update()
-                    if trainer.steps % cfg["log_every"] == 0:
-                        now = time.perf_counter()
-                        log.write(row="step", epoch=epoch + 1, step=trainer.steps, **losses,
-                                  img_per_s=seen_log / (now - t_log), **lrs)
-                        t_log, seen_log = now, 0
-            elapsed = time.perf_counter() - t0
-            epoch, batch = epoch + 1, 0
-            if seen:
-                log.write(row="epoch", epoch=epoch, step=trainer.steps, **{k: v / seen for k, v in sums.items()},
-                          img_per_s=seen / elapsed, **lrs)
-            if epoch % cfg["sample_every"] == 0 or epoch == epochs:  # the same fixed latents every time
-                data.save_grid(sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device),
-                               os.path.join(out, f"samples_epoch{epoch:03d}.png"), ds.display_invert)
-            save_checkpoint(ckpt_path, trainer, cfg, epoch, batch)
-    except KeyboardInterrupt:
-        if len(sigints) > 1:
-            print(f"\nquit without saving; {ckpt_path} keeps the last saved state", file=sys.stderr)
-        else:
-            save_checkpoint(ckpt_path, trainer, cfg, epoch, batch)
-            print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
-                  file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
-    print(f"done: {epoch} epochs, {trainer.steps} steps; {out}")
+    return generate(net, data.latent_morph(z0, z1, frames, spherical), device)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,29 @@
-"""Sample fake kanji from any GANji checkpoint.
+"""Sample fake kanji from any GANji checkpoint, make slim files for pretrained/, read their records.
 
+    python sample.py                                              # the pretrained DDPM: a 4x4 grid, sample_seed0.png
     python sample.py ddpm runs/ddpm_kanji/ckpt.pt                 # 4x4 grid next to the checkpoint
-    python sample.py auto ckpt.pt --n 64 --nrow 8 --seed 3 --out grid.png
-    python sample.py ddpm ckpt.pt --sampler ddim --steps 20 --each samples/
-    python sample.py gan ckpt.pt --interpolate --n 40 --nrow 10   # 4 rows, each a 10-step morph
+    python sample.py auto pretrained/gan_kanji.pt --n 64 --nrow 8 --seed 3 --out grid.png
+    python sample.py ddpm ckpt.pt --sampler dpm++2m --steps 15 --each samples/
+    python sample.py gan ckpt.pt --interpolate --n 40 --nrow 10   # 4 rows, each a 10-frame morph
+    python sample.py export runs/ddpm_kanji/ckpt.pt pretrained/ddpm_kanji.pt   # slim, sampling-only copy
+    python sample.py info pretrained/ddpm_kanji.pt                # how a file was made, and its scores
 """
 import argparse
+import datetime
 import importlib
 import os
+import sys
+
+import torch
 
 import data
+
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 
 
 def load_any(kind, path, device="cpu"):
     """(module, sampling network, config) for a checkpoint; kind 'auto' reads it from the file."""
-    if kind == "auto":
-        kind = data.load_checkpoint(path, mmap=True)["kind"]
-    data.load_checkpoint(path, kind, mmap=True)  # cheap check: clear errors for a missing/foreign/wrong-kind file
+    kind = data.load_checkpoint(path, kind, mmap=True)["kind"]  # cheap: clear errors for a missing/foreign file
     mod = importlib.import_module(kind)
     try:
         net, cfg = mod.load(path, device)
@@ -26,36 +33,106 @@ def load_any(kind, path, device="cpu"):
     return mod, net, cfg
 
 
-def generate(mod, net, cfg, n=16, nrow=4, seed=0, device="cpu", interpolate=False, progress=None, **kw):
-    """[0, 1] images, ink bright: n samples, or n // nrow rows of an nrow-step morph."""
-    ddpm = mod.KIND == "ddpm"
-    if interpolate:  # DDPM morphs through deterministic DDIM, so only the step count applies
-        kw = {"ddim_steps": kw.get("steps", 50), "progress": progress} if ddpm else {}
-        return mod.interpolate(net, cfg, max(1, n // nrow), nrow, seed=seed, device=device, **kw)
-    kw = {**kw, "progress": progress} if ddpm else {}
-    return mod.sample(net, cfg, n, seed=seed, device=device, **kw)
+def generate(mod, net, cfg, n=16, nrow=4, seed=0, device="cpu", interpolate=False, progress=None, **sampler):
+    """[0, 1] images, ink bright: n samples, or n // nrow rows of an nrow-frame morph.
 
+    sampler: the DDPM's sampler, steps (and eta); the VAE and the GAN take none."""
+    sampler = sampler if mod.KIND == "ddpm" else {}
+    if mod.KIND == "ddpm":
+        sampler["progress"] = progress
+    if interpolate:
+        sampler.pop("eta", None)  # a morph is deterministic
+        return mod.interpolate(net, cfg, max(1, n // nrow), nrow, seed=seed, device=device, **sampler)
+    return mod.sample(net, cfg, n, seed=seed, device=device, **sampler)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slim files (pretrained/): the sampling weights in bf16, the config, and a record of how they were made
+
+def export(src, dst):
+    """Write a slim copy of a training checkpoint: no optimizer, no RNG, no discriminator, only the weights
+    that sample (the EMA where there is one) in bf16, and a record of the run. Returns the record."""
+    ckpt = data.load_checkpoint(src)
+    if ckpt.get("slim"):
+        raise data.GanjiError(f"{src} is already a slim file; export takes a training checkpoint (ckpt.pt)")
+    mod = importlib.import_module(ckpt["kind"])
+    weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+               for k, v in mod.sampling_weights(ckpt).items()}
+    cfg = ckpt["config"]
+    record = {"commands": cfg.get("commands", []), "epochs": ckpt["epoch"], "steps": ckpt["step"],
+              "train_minutes": round(ckpt["train_seconds"] / 60, 1), "machine": ckpt["machine"],
+              "date": datetime.date.fromtimestamp(os.path.getmtime(src)).isoformat(), "evaluate": None}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    data.atomic_save({"kind": ckpt["kind"], "version": data.FORMAT_VERSION, "config": cfg, "slim": True,
+                      "sample_net": weights, "record": record}, dst)
+    return record
+
+
+def describe(path):
+    """A few lines on how a checkpoint was made: its record (slim files) or its counters (training ones)."""
+    ckpt = data.load_checkpoint(path, mmap=True)
+    cfg = ckpt["config"]
+    what = f"{ckpt['kind']} on {os.path.basename(str(cfg['dataset']).rstrip('/'))}, width {cfg['width']}, " \
+           f"{cfg['image_size']} px"
+    if not ckpt.get("slim"):
+        return (f"{path}: training checkpoint, {what}; {ckpt['epoch']} epochs, {ckpt['step']} steps, "
+                f"{ckpt['train_seconds'] / 60:.1f} min on {ckpt['machine']}")
+    r = ckpt["record"]
+    lines = [f"{path}: slim {what}",
+             f"trained: {r['epochs']} epochs, {r['steps']} steps, {r['train_minutes']} min on {r['machine']}, "
+             f"{r['date']}"]
+    lines += [f"command: {c}" for c in r["commands"]]
+    e = r["evaluate"]
+    lines.append("evaluate.py: not measured yet" if e is None else
+                 f"evaluate.py (n {e['n']}, {e['sampler']}): FID {e['fid']:.1f}, precision {e['precision']:.2f}, "
+                 f"recall {e['recall']:.2f}, near copies {e['near_copy_rate']:.1%}, {e['date']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample a grid of images from a GANji checkpoint.")
-    p.add_argument("kind", choices=("vae", "gan", "ddpm", "auto"), help="model kind; auto reads it from the file")
-    p.add_argument("ckpt", help="path to a ckpt.pt written by vae.py, gan.py or ddpm.py")
+    p = argparse.ArgumentParser(
+        description="Sample a grid of images from a GANji checkpoint. Also: `sample.py export SRC DST` writes a "
+                    "slim sampling-only copy of a training checkpoint, `sample.py info FILE` prints its record.")
+    p.add_argument("kind", nargs="?", default="ddpm", choices=("vae", "gan", "ddpm", "auto"),
+                   help="model kind; auto reads it from the file (default: %(default)s)")
+    p.add_argument("ckpt", nargs="?", default=os.path.join(PRETRAINED, "ddpm_kanji.pt"),
+                   help="a ckpt.pt written by vae.py, gan.py or ddpm.py, or a slim file (default: pretrained/ddpm_kanji.pt)")
     p.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
     p.add_argument("--nrow", type=int, default=4, help="images per grid row (default: %(default)s)")
     p.add_argument("--out", default=None,
-                   help="grid PNG (default: sample_seed<SEED>.png, or morph_seed<SEED>.png, next to the checkpoint)")
+                   help="grid PNG (default: sample_seed<SEED>.png, or morph_seed<SEED>.png, next to the checkpoint; "
+                        "in the current folder for pretrained files)")
     p.add_argument("--seed", type=int, default=0, help="same checkpoint + seed = same images (default: %(default)s)")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ancestral"), help="DDPM only (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=50, help="DDPM DDIM steps (default: %(default)s)")
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "dpm++2m", "ancestral"),
+                   help="DDPM only (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50, help="DDPM sampler steps (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDPM DDIM noise, 0 = deterministic (default: %(default)s)")
     p.add_argument("--each", default=None, metavar="DIR", help="also write every image as DIR/NNNN.png")
     p.add_argument("--interpolate", action="store_true",
-                   help="rows morph between random latents (VAE, GAN; DDPM via DDIM with slerped noise)")
+                   help="rows morph between random latents (VAE, GAN; DDPM via a deterministic sampler)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: %(default)s)")
     return p
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        p = argparse.ArgumentParser(prog="sample.py export", description="Write a slim copy of a training checkpoint.")
+        p.add_argument("src", help="a training checkpoint (ckpt.pt)")
+        p.add_argument("dst", help="the slim file to write, e.g. pretrained/ddpm_kanji.pt")
+        args = p.parse_args(argv[1:])
+        export(args.src, args.dst)
+        print(f"wrote {args.dst} ({os.path.getsize(args.dst) / 1e6:.2f} MB)\n{describe(args.dst)}")
+        return
+    if argv[:1] == ["info"]:
+        p = argparse.ArgumentParser(prog="sample.py info", description="Print how a checkpoint was made.")
+        p.add_argument("ckpt", nargs="+")
+        for path in p.parse_args(argv[1:]).ckpt:
+            print(describe(path))
+        return
+
     from torchvision.utils import save_image
     from tqdm import tqdm
 
@@ -76,7 +153,8 @@ def main(argv=None):
     if bar:
         bar.close()
     name = f"{'morph' if args.interpolate else 'sample'}_seed{args.seed}.png"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+    folder = os.path.dirname(os.path.abspath(args.ckpt))
+    out = args.out or (name if folder == PRETRAINED else os.path.join(folder, name))
     data.save_grid(images, out, cfg["display_invert"], nrow=args.nrow)
     if args.each:
         os.makedirs(args.each, exist_ok=True)

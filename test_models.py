@@ -1,386 +1,125 @@
-"""GANji's test suite: data, the three models, sampling, the GUI. Tiny configs; runs on a 2-core CPU."""
+"""The contract the three training scripts keep alike (shared/README.md section 1), one test per promise,
+each run for vae.py, gan.py and ddpm.py on the tiny config of conftest.py."""
+import importlib
 import json
 import os
-import pickle
-import struct
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
 import data
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_cli(*args, cwd=HERE, timeout=300):
-    """Run a script of this repo as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-@pytest.fixture(scope="module")
-def kanji(data_dir):
-    return data.load_dataset("kanji", data_dir=data_dir, progress=False)
-
-
-def test_import_does_no_work(tmp_path):
-    code = f"import sys; sys.path.insert(0, {HERE!r}); import data; print(sorted(m for m in ('PIL', 'torchvision') if m in sys.modules))"
-    out = run_cli("-c", code, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-    assert os.listdir(tmp_path) == []  # no cache, no data folder written
-
-
-def test_kanji_count_and_format(kanji):
-    x = kanji.images
-    assert x.dtype == torch.uint8 and x.shape[1:] == (1, 64, 64)
-    assert len(x) > 12000 and len(kanji.labels) == len(x)
-    assert kanji.display_invert
-    cps = kanji.labels.tolist()
-    assert all(data.KANJI_RANGE[0] <= c <= data.KANJI_RANGE[1] for c in cps)
-    assert cps == sorted(set(cps))
-
-
-def test_kanji_no_blank_or_duplicate(kanji):
-    x = kanji.images.flatten(1)
-    assert (x.amax(1) >= 64).all()  # every glyph has strokes
-    assert len(torch.unique(x, dim=0)) == len(x)
-
-
-def test_kanji_fixed_em_box(kanji):
-    """One scale and offset for every glyph: 一 is a thin horizontal stroke near the middle."""
-    ichi = kanji.images[kanji.labels.tolist().index(0x4E00), 0].float()
-    rows = (ichi > 128).any(1).nonzero().flatten()
-    assert rows.max() - rows.min() < 8
-    assert 20 < rows.float().mean() < 44
-    x = kanji.images  # a margin of 64/16 = 4 pixels stays empty around every glyph
-    assert x[..., :3].max() == x[..., -3:].max() == x[..., :3, :].max() == x[..., -3:, :].max() == 0
-
-
-def test_kanji_cache_reload_identical(data_dir, kanji):
-    again = data.load_dataset("kanji", data_dir=data_dir, progress=False)
-    assert torch.equal(again.images, kanji.images) and torch.equal(again.labels, kanji.labels)
-    import hashlib
-    digest = hashlib.sha256(open(data.default_font(), "rb").read()).hexdigest()[:16]
-    assert os.path.isfile(os.path.join(data_dir, f"kanji-{digest}-64px-4e00-9fff.pt"))  # keyed by font hash
-
-
-def test_font_cmap_decides_which_glyphs(kanji):
-    cps = data.font_codepoints(data.default_font())
-    assert set(kanji.labels.tolist()) <= set(cps)
-    import pylopdf_fonts_jp
-    sans = data.font_codepoints(str(pylopdf_fonts_jp.sans_path()))
-    assert len(sans) > 12000 and all(data.KANJI_RANGE[0] <= c <= data.KANJI_RANGE[1] for c in sans)
-    assert 0x9FFF not in cps  # not in the font, yet PIL draws it (as a tofu box): only the cmap tells
-    tofu = data.render_glyphs(data.default_font(), [0x9FFF], 64, progress=False)
-    assert tofu.max() == 255
-
-
-def test_limit_and_sizes(data_dir):
-    small = data.load_dataset("kanji", image_size=32, limit=10, data_dir=data_dir, progress=False)
-    assert small.images.shape == (10, 1, 32, 32)
-    rgb = data.load_dataset("kanji", image_size=32, channels=3, limit=4, data_dir=data_dir, progress=False)
-    assert rgb.images.shape == (4, 3, 32, 32)
-    assert torch.equal(rgb.images[:, 0], small.images[:4, 0])
-
-
-def test_normalization_ranges():
-    x = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8)
-    a, b = data.normalize(x, "01"), data.normalize(x, "11")
-    assert a.min() == 0 and a.max() == 1 and b.min() == -1 and b.max() == 1
-    assert torch.allclose(data.denormalize(a, "01"), a) and torch.allclose(data.denormalize(b, "11"), a)
-    assert torch.allclose(b, a * 2 - 1)
-
-
-def _png(path, value, size=(48, 48), mode="L"):
-    from PIL import Image
-    Image.new(mode, size, value).save(path)
-
-
-def test_folder_skips_broken_and_text_files(tmp_path, capsys):
-    for i in range(3):
-        _png(tmp_path / f"k{i}.png", 40 * i)
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    (tmp_path / "notes.txt").write_text("hello")
-    ds = data.load_dataset(str(tmp_path), image_size=32)
-    assert ds.images.shape == (3, 1, 32, 32) and ds.display_invert
-    assert ds.images[2].float().mean() == 80
-    err = capsys.readouterr().err
-    assert "skipped 2 unreadable" in err and err.count("\n") == 1
-    inv = data.load_dataset(str(tmp_path), image_size=32, invert=True, channels=3)
-    assert inv.images.shape == (3, 3, 32, 32) and inv.images[0].float().mean() == 255
-
-
-def test_missing_or_empty_folder_is_one_line_error(tmp_path):
-    with pytest.raises(data.GanjiError, match="not found"):
-        data.load_dataset(str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(data.GanjiError, match="no readable images"):
-        data.load_dataset(str(tmp_path / "empty"))
-    out = run_cli("data.py", "--dataset", str(tmp_path / "nope"))
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "not found" in out.stderr and "Traceback" not in out.stderr
-
-
-def _write_idx(path, array):
-    """MNIST's idx format: magic (0, 0, dtype=0x08 ubyte, ndim), big-endian int32 dims, raw bytes."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
-def test_mnist_real_format(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (20, 28, 28))
-    for prefix, n in (("train", 20), ("t10k", 5)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", imgs[:n])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    ds = data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
-    assert ds.images.shape == (20, 1, 32, 32) and not ds.display_invert
-    native = data.load_dataset("mnist", image_size=28, data_dir=str(tmp_path), download=False)
-    assert np.array_equal(native.images[:, 0].numpy(), imgs)
-
-
-def test_cifar10_real_format(tmp_path, monkeypatch):
-    import torchvision.datasets.cifar as cifar
-    # our synthetic batches cannot match the real files' md5 sums; everything else is the real code path
-    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    batches = []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), "labels": [0, 1, 2, 3]}
-        batches.append(batch["data"])
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    ds = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
-    assert ds.images.shape == (20, 3, 32, 32) and not ds.display_invert
-    assert np.array_equal(ds.images[0].numpy().reshape(-1), batches[0][0])
-
-
-def test_offline_mnist_error_says_where(tmp_path):
-    with pytest.raises(data.GanjiError, match="MNIST/raw"):
-        data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
-
-
-def test_epoch_covers_every_image_once_and_is_seeded():
-    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
-    b = data.Batches(images, 16, "cpu", "01", seed=3)
-    assert len(b) == 4
-    seen = torch.cat([x[:, 0, 0, 0] for x in b.epoch(0)]) * 255
-    assert sorted(seen.round().long().tolist()) == list(range(50))
-    again = torch.cat([x[:, 0, 0, 0] for x in data.Batches(images, 16, "cpu", "01", seed=3).epoch(0)]) * 255
-    assert torch.equal(seen, again)
-    other = torch.cat([x[:, 0, 0, 0] for x in b.epoch(1)]) * 255
-    assert not torch.equal(seen, other)
-    rest = torch.cat([x[:, 0, 0, 0] for x in b.epoch(0, start=2)]) * 255
-    assert torch.equal(rest, seen[32:])
-
-
-def test_hflip_only_when_asked():
-    images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
-    images[..., 0] = 255  # ink in the left column only
-    plain = torch.cat(list(data.Batches(images, 8, "cpu", "11").epoch(0)))
-    assert (plain[..., 0] == 1).all() and (plain[..., 3] == -1).all()
-    flipped = torch.cat(list(data.Batches(images, 8, "cpu", "11", hflip=True).epoch(0)))
-    right = (flipped[:, 0, 0, 3] == 1).sum().item()
-    assert 0 < right < 40  # about half flipped, and flipping moves ink to the right column
-    assert ((flipped[..., 0] == 1) ^ (flipped[..., 3] == 1)).all()
-
-
-# ------------------------------------------------------------------------------- sample.py and the GUI
-
-import importlib
-
 import sample
+from conftest import ctrl_c_inside, run_cli, states_equal, tiny_args
 
-TINY = ["--width", "0.125", "--image-size", "32", "--limit", "32", "--batch-size", "8", "--dry-run"]
+KINDS = data.KINDS
+# the class whose forward pass runs once in every training step (and, with --sample-every 5, nowhere else)
+STEP_NET = {"vae": "VAE", "gan": "Generator", "ddpm": "UNet"}
+
+
+def saved(path):
+    return data.load_checkpoint(str(path))
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, data_dir):
-    """A tiny dry-run checkpoint of each kind, written by the training scripts themselves."""
-    runs = tmp_path_factory.mktemp("runs")
-    paths = {}
-    for kind in data.KINDS:
-        out = runs / f"{kind}_tiny"
-        importlib.import_module(kind).main([*TINY, "--data-dir", data_dir, "--out", str(out)])
-        paths[kind] = str(out / "ckpt.pt")
-    return paths
+def uninterrupted(data_dir, tmp_path_factory):
+    """The reference: each model's 2-epoch tiny run in one go (8 steps)."""
+    runs = {}
+    for kind in KINDS:
+        out = tmp_path_factory.mktemp(f"{kind}_full")
+        importlib.import_module(kind).main(tiny_args(data_dir, out, "--epochs", "2", "--sample-every", "5"))
+        runs[kind] = out
+    return runs
 
 
-@pytest.mark.parametrize("kind", data.KINDS)
-def test_sample_cli_each_kind_is_reproducible(ckpts, kind, tmp_path):
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    for out in (a, b):
-        res = run_cli("sample.py", kind, ckpts[kind], "--seed", "7", "--steps", "5", "--out", str(out),
-                      "--each", str(tmp_path / "each"))
-        assert res.returncode == 0, res.stderr
-    assert a.read_bytes() == b.read_bytes()
-    assert len(os.listdir(tmp_path / "each")) == 16
-    res = run_cli("sample.py", "auto", ckpts[kind], "--seed", "8", "--steps", "5", "--out", str(b))
-    assert res.returncode == 0 and a.read_bytes() != b.read_bytes()
-    res = run_cli("sample.py", kind, ckpts[kind], "--interpolate", "--n", "8", "--nrow", "4", "--steps", "3",
-                  "--out", str(tmp_path / "m.png"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("at_step", [3, 6])
+def test_ctrl_c_inside_a_step_then_resume_is_exact(kind, at_step, data_dir, uninterrupted, tmp_path, monkeypatch):
+    mod = importlib.import_module(kind)
+    argv = tiny_args(data_dir, tmp_path, "--epochs", "2", "--sample-every", "5")
+    with monkeypatch.context() as m:
+        ctrl_c_inside(m, getattr(mod, STEP_NET[kind]), at_step)
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+    assert e.value.code == 130
+    mid = saved(tmp_path / "ckpt.pt")
+    assert (mid["step"], mid["epoch"], mid["batch"]) == (at_step, (at_step - 1) // 4, (at_step - 1) % 4 + 1)
+    mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir])  # a bare --resume: the run's settings
+    a, b = saved(uninterrupted[kind] / "ckpt.pt"), saved(tmp_path / "ckpt.pt")
+    assert (b["epoch"], b["step"], b["batch"]) == (a["epoch"], a["step"], a["batch"]) == (2, 8, 0)
+    for key in a:
+        if key not in ("config", "train_seconds"):
+            assert states_equal(a[key], b[key]), key
+    assert (uninterrupted[kind] / "samples_epoch002.png").read_bytes() == (tmp_path / "samples_epoch002.png").read_bytes()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bare_resume_keeps_every_setting_and_given_run_settings_win(kind, data_dir, tmp_path, capsys):
+    mod = importlib.import_module(kind)
+    flags = ["--epochs", "1", "--seed", "3", "--lr", "0.002", "--sample-every", "3", "--log-every", "2",
+             "--channels-last" if not mod.get_parser().get_default("channels_last") else "--no-channels-last"]
+    mod.main(tiny_args(data_dir, tmp_path, *flags))
+    first = saved(tmp_path / "ckpt.pt")["config"]
+    mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir])  # nothing to do: 1 of 1 epochs
+    mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--epochs", "2", "--log-every", "3"])
+    second = saved(tmp_path / "ckpt.pt")["config"]
+    VARY = ("epochs", "log_every", "commands", "total_steps", "resume")  # given now, or following from them
+    assert {k: v for k, v in second.items() if k not in VARY} == \
+        {k: v for k, v in first.items() if k not in VARY}
+    assert (second["epochs"], second["log_every"]) == (2, 3)
+    assert len(second["commands"]) == 2 and second["commands"][-1].endswith("--epochs 2 --log-every 3")
+    with pytest.raises(data.GanjiError, match=r"--width 0.5 \(the run's: 0.125\)"):
+        mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--width", "0.5"])
+    mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--width", "0.125"])  # same value: fine
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_run_never_overwrites_and_resume_needs_a_full_checkpoint(kind, data_dir, tmp_path):
+    mod = importlib.import_module(kind)
+    with pytest.raises(data.GanjiError, match="no ckpt.pt"):
+        mod.main(tiny_args(data_dir, tmp_path / "none", "--resume"))
+    mod.main(tiny_args(data_dir, tmp_path / "run", "--dry-run"))
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(data.GanjiError, match="pass --resume"):
+        mod.main(tiny_args(data_dir, tmp_path / "run", "--dry-run"))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    (tmp_path / "slim").mkdir()
+    sample.export(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "slim" / "ckpt.pt"))
+    res = run_cli(f"{kind}.py", "--out", str(tmp_path / "slim"), "--resume", "--data-dir", data_dir)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "slim" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(kind, data_dir, tmp_path, monkeypatch, capsys):
+    mod = importlib.import_module(kind)
+    mod.main(tiny_args(data_dir, tmp_path, "--epochs", "1"))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(data, "normalize", lambda x, norm: torch.full(x.shape, float("nan")))  # poisoned data
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--epochs", "2"])
+    assert "non-finite loss" in str(e.value.code) and "epoch 2 step 5" in str(e.value.code)  # exit status 1
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_dry_run_writes_the_run_folder(kind, data_dir, tmp_path):
+    res = run_cli(f"{kind}.py", *tiny_args(data_dir, tmp_path / "run", "--dry-run"))
     assert res.returncode == 0, res.stderr
-    from PIL import Image
-    assert Image.open(tmp_path / "m.png").size == (4 * 34 + 2, 2 * 34 + 2)  # 2 rows of 4, 32 px + padding
-
-
-def test_sample_py_ddpm_equals_direct_call(ckpts, tmp_path):
-    import ddpm
-    out = tmp_path / "via_cli.png"
-    sample.main(["ddpm", ckpts["ddpm"], "--seed", "3", "--sampler", "ddim", "--steps", "4", "--eta", "0.5",
-                 "--out", str(out)])
-    net, cfg = ddpm.load(ckpts["ddpm"])
-    direct = ddpm.sample(net, cfg, 16, seed=3, device="cpu", sampler="ddim", steps=4, eta=0.5)
-    data.save_grid(direct, tmp_path / "direct.png", cfg["display_invert"], nrow=4)
-    assert out.read_bytes() == (tmp_path / "direct.png").read_bytes()
-
-
-def _bad_inputs(ckpts, tmp_path):
-    text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint")
-    raw = open(ckpts["vae"], "rb").read()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(raw[: len(raw) // 2])
-    future = tmp_path / "future.pt"
-    ck = torch.load(ckpts["vae"], weights_only=True)
-    ck["version"] = data.FORMAT_VERSION + 1
-    torch.save(ck, future)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"model": {"w": torch.zeros(2)}}, foreign)
-    return {"missing": ("vae", str(tmp_path / "nope.pt"), "not found"),
-            "text": ("auto", str(text), "not a readable checkpoint"),
-            "truncated": ("vae", str(truncated), "not a readable checkpoint"),
-            "foreign": ("auto", str(foreign), "not a GANji checkpoint"),
-            "other kind": ("gan", ckpts["vae"], "is a vae checkpoint, not gan"),
-            "version": ("vae", str(future), "format version")}
-
-
-def test_sample_bad_inputs_one_line_exit_2(ckpts, tmp_path):
-    for name, (kind, path, message) in _bad_inputs(ckpts, tmp_path).items():
-        res = run_cli("sample.py", kind, path, "--out", str(tmp_path / "x.png"))
-        assert res.returncode == 2, name
-        assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, name
-    assert not (tmp_path / "x.png").exists()
-
-
-@pytest.fixture(scope="module")
-def xvfb():
-    import shutil
-    if not shutil.which("Xvfb"):
-        pytest.skip("Xvfb is not installed (.ci/run installs the Debian package xvfb)")
-    display = f":{os.getpid() % 500 + 100}"
-    proc = subprocess.Popen(["Xvfb", display, "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import time
-    time.sleep(1.0)
-    old = os.environ.get("DISPLAY")
-    os.environ["DISPLAY"] = display
-    yield display
-    proc.terminate()
-    if old is None:
-        os.environ.pop("DISPLAY", None)
-    else:
-        os.environ["DISPLAY"] = old
-
-
-def _wait(root, app, timeout=120):
-    import time
-    t = time.time()
-    while app.busy and time.time() - t < timeout:
-        root.update()
-        time.sleep(0.02)
-    for _ in range(10):
-        root.update()
-
-
-def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
-    import tkinter as tk
-    from PIL import Image, ImageGrab
-    import io
-    import tkinter_gui
-
-    runs = os.path.dirname(os.path.dirname(ckpts["vae"]))
-    root = tk.Tk()
-    try:
-        app = tkinter_gui.App(root, runs)
-        assert len(app.paths) == 3  # one per kind, found under runs/
-        labels = app.listbox.get(0, "end")
-        assert any(label.startswith("ddpm") and "kanji" in label for label in labels)
-        app.select(ckpts["ddpm"])
-        app.steps.set(5)
-        app.generate_button.invoke()
-        assert app.busy
-        _wait(root, app)
-        assert not app.busy and app.status.get().startswith("Showing ddpm"), app.status.get()
-        shown = Image.open(io.BytesIO(app.png)).convert("L")
-        assert shown.width >= 256
-        hist = shown.histogram()
-        assert sum(hist[:128]) > 0.01 * shown.width * shown.height  # dark ink on a mostly white page
-        assert sum(hist[128:]) > 0.3 * shown.width * shown.height
-        root.update()
-        x, y = root.winfo_rootx(), root.winfo_rooty()
-        shot = ImageGrab.grab(bbox=(x, y, x + root.winfo_width(), y + root.winfo_height()), xdisplay=xvfb)
-        shot.save(tmp_path / "gui.png")
-        assert shot.convert("L").getextrema()[0] < 64  # the window shows dark ink somewhere
-
-        app.select(ckpts["vae"])
-        app.morph_button.invoke()
-        _wait(root, app)
-        assert len(app.frames) == 12, app.status.get()
-
-        bad = tmp_path / "bad.pt"
-        bad.write_text("nope")
-        app.select(str(bad))
-        app.generate_button.invoke()
-        _wait(root, app)
-        assert app.status.get().startswith("Error:") and "not a readable checkpoint" in app.status.get()
-    finally:
-        root.destroy()
-
-
-# ------------------------------------------------------------------------------------------- bench.py
-
-def test_bench_smoke_on_tiny_configs(data_dir):
-    import bench
-    cpu = torch.device("cpu")
-    peak = bench.bench_peak(cpu, 64, 1)
-    assert peak["fp32"] > 0 and peak["bf16"] > 0
-    images = data.load_dataset("kanji", image_size=32, limit=256, data_dir=data_dir, progress=False).images
-    speed = bench.bench_data(cpu, images, 1, batch_size=64)
-    assert speed["data.py batches/s"] > 0 and speed["DataLoader+transforms batches/s"] > 0
-    for kind in data.KINDS:
-        row = bench.train_row(kind, 0.125, "fp32", True, False, 4, data_dir, cpu, 1)
-        assert row["s_per_step"] > 0 and row["gflop_per_img"] > 0 and row["params_M"] > 0
-    rows = bench.sample_rows("ddpm", 0.125, cpu, 1, [("ddim", 2)], data_dir)
-    assert rows[0]["steps"] == 2 and rows[0]["s_per_4x4_grid"] > 0
-    assert "| vae |" in bench.table([{"model": "vae", "x": 1.0}], ["model", "x"])
-
-
-def test_bench_cli_writes_table_and_json(data_dir, tmp_path):
-    out = tmp_path / "bench"
-    r = run_cli("bench.py", "--quick", "--models", "vae", "--widths", "0.125", "--batch-size", "4", "--repeats", "1",
-                "--data-dir", data_dir, "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    result = json.load(open(out / "bench.json"))
-    assert {"fp32 matmul", "fp32 conv3x3", "bf16 matmul", "bf16 conv3x3"} <= set(result["peak"])
-    assert [(row["precision"], row["channels_last"]) for row in result["train"]] == [("fp32", False), ("bf16", False)]
-    assert all(row["s_per_step"] > 0 and 0 < row["share_of_peak"] for row in result["train"])
-    assert result["sample"][0]["model"] == "vae" and result["sample"][0]["s_per_4x4_grid"] > 0
-    table = (out / "bench.md").read_text()
-    assert "| vae | 0.125 | bf16 |" in table and table == r.stdout[r.stdout.index("GANji bench:"):].rsplit("wrote", 1)[0]
+    run = tmp_path / "run"
+    assert {"ckpt.pt", "config.json", "metrics.jsonl", "samples_epoch001.png"} <= set(os.listdir(run))
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["kind"], cfg["image_size"], cfg["channels"], cfg["display_invert"]) == (kind, 32, 1, True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["step", "step", "epoch"]
+    assert all(r["img_per_s"] > 0 and "lr" in r for r in rows)
+    ckpt = saved(run / "ckpt.pt")
+    assert ckpt["kind"] == kind and ckpt["version"] == data.FORMAT_VERSION
+    assert (ckpt["epoch"], ckpt["step"], ckpt["batch"]) == (1, 2, 0) and ckpt["train_seconds"] > 0
+    assert {"config", "ema", "optimizer" if kind != "gan" else "optimizer_d", "rng", "machine"} <= ckpt.keys()
+    mod = importlib.import_module(kind)
+    net, cfg = mod.load(str(run / "ckpt.pt"))
+    assert not net.training and mod.sample(net, cfg, 2).shape == (2, 1, 32, 32)
+    res = run_cli(f"{kind}.py", *tiny_args(data_dir, tmp_path / "run", "--dry-run"))  # the folder is taken
+    assert res.returncode == 2 and res.stderr.startswith("error:") and res.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("kind,default", [("vae", False), ("gan", True), ("ddpm", True)])
@@ -389,24 +128,14 @@ def test_channels_last_flag_sets_the_layout(kind, default, data_dir):
     mod = importlib.import_module(kind)
     assert mod.get_parser().get_default("channels_last") is default
     for flag, layout in (("--channels-last", torch.channels_last), ("--no-channels-last", torch.contiguous_format)):
-        args = mod.get_parser().parse_args(["--width", "0.125", "--image-size", "32", "--limit", "8",
-                                            "--data-dir", data_dir, "--device", "cpu", flag])
+        args = mod.get_parser().parse_args(tiny_args(data_dir, "unused", flag))
         trainer = mod.Trainer(mod.config_from_args(args), torch.device("cpu"))
-        nets = [trainer.G, trainer.D] if kind == "gan" else [trainer.model if kind == "vae" else trainer.net]
-        convs = [m.weight for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        convs = [m.weight for m in trainer.sample_net.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
 
 
-def test_keep_freed_memory_applies_on_glibc_only():
-    import platform
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert data.keep_freed_memory() is glibc
-
-
-def test_latent_morph_rows_walk_from_start_to_end():
-    z0, z1 = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
-    for spherical in (True, False):
-        z = data.latent_morph(z0, z1, 5, spherical).view(3, 5, 16)  # row-major: row r is z0[r] -> z1[r]
-        assert torch.allclose(z[:, 0], z0, atol=1e-5) and torch.allclose(z[:, -1], z1, atol=1e-5)
-    mid = data.latent_morph(z0, z1, 3, spherical=False).view(3, 3, 16)[:, 1]
-    assert torch.allclose(mid, (z0 + z1) / 2, atol=1e-6)
+def test_precision_auto_is_bf16_only_where_native():
+    cpu = torch.device("cpu")
+    assert data.use_bf16(cpu, "auto") is torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert data.use_bf16(cpu, "bf16") and not data.use_bf16(cpu, "fp32")
+    assert not data.use_bf16(torch.device("mps"), "bf16")

@@ -1,6 +1,6 @@
 """A window that generates fake kanji from any GANji checkpoint (VAE, GAN or DDPM).
 
-    python tkinter_gui.py                 # lists the checkpoints under runs/
+    python tkinter_gui.py                 # lists the pretrained models, then the checkpoints under runs/
     python tkinter_gui.py --runs other/   # or under another folder; "Open..." takes any file
 
 Generation runs in a worker thread; the Tk main loop polls a queue, so the window never freezes.
@@ -18,22 +18,30 @@ from tkinter import filedialog, ttk
 import data
 import sample
 
-def find_checkpoints(runs_dir):
-    """[(path, 'kind  dataset  epoch N')] for every readable ckpt.pt under runs_dir."""
+# the window's default sampler: 4x4 grids in about a second from the pretrained width-0.25 DDPM on a 2-core CPU
+SAMPLER, STEPS = "dpm++2m", 10
+
+
+def find_checkpoints(*folders):
+    """[(path, 'kind  dataset  epochs / FID')] for every readable checkpoint under the folders, in that order."""
     found = []
-    for path in sorted(glob.glob(os.path.join(runs_dir, "**", "*.pt"), recursive=True)):
-        try:
-            ck = data.load_checkpoint(path, mmap=True)
-        except data.GanjiError:
-            continue
-        dataset = os.path.basename(str(ck["config"].get("dataset", "?")).rstrip("/"))
-        found.append((path, f"{ck['kind']:<5} {dataset:<10} epoch {ck.get('epoch', '?'):<4} {path}"))
+    for folder in folders:
+        for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
+            try:
+                ck = data.load_checkpoint(path, mmap=True)
+            except data.GanjiError:
+                continue
+            dataset = os.path.basename(str(ck["config"]["dataset"]).rstrip("/"))
+            record = ck.get("record") or {}  # slim files only
+            epochs = record.get("epochs", ck.get("epoch"))
+            note = f"FID {record['evaluate']['fid']:.1f}" if record.get("evaluate") else f"epoch {epochs}"
+            found.append((path, f"{ck['kind']:<5} {dataset:<8} {note:<10} {os.path.relpath(path)}"))
     return found
 
 
 class App:
-    def __init__(self, root, runs_dir="runs"):
-        self.root, self.runs_dir = root, runs_dir
+    def __init__(self, root, runs_dir="runs", pretrained_dir=sample.PRETRAINED):
+        self.root, self.runs_dir, self.pretrained_dir = root, runs_dir, pretrained_dir
         self.jobs = queue.Queue()   # worker -> UI messages: ("progress", i, total) | ("done", ...) | ("error", msg)
         self.models = {}            # path -> (module, net, cfg), loaded once
         self.paths, self.busy, self.frames, self.png, self.after_id = [], False, [], None, None
@@ -42,9 +50,10 @@ class App:
 
         left = ttk.Frame(root, padding=8)
         left.grid(row=0, column=0, sticky="ns")
-        ttk.Label(left, text=f"Checkpoints under {runs_dir}/").pack(anchor="w")
+        ttk.Label(left, text=f"Pretrained models, then checkpoints under {runs_dir}/").pack(anchor="w")
         self.listbox = tk.Listbox(left, width=58, height=14, font="TkFixedFont", exportselection=False)
         self.listbox.pack(fill="y", expand=True)
+        self.listbox.bind("<<ListboxSelect>>", lambda e: self.show_record())
         row = ttk.Frame(left)
         row.pack(fill="x", pady=4)
         ttk.Button(row, text="Open...", command=self.open_file).pack(side="left")
@@ -53,15 +62,15 @@ class App:
         opts = ttk.LabelFrame(left, text="Options", padding=6)
         opts.pack(fill="x", pady=4)
         self.seed = tk.IntVar(value=0)
-        self.sampler = tk.StringVar(value="ddim")
-        self.steps = tk.IntVar(value=50)
+        self.sampler = tk.StringVar(value=SAMPLER)
+        self.steps = tk.IntVar(value=STEPS)
         ttk.Label(opts, text="Seed").grid(row=0, column=0, sticky="w")
         ttk.Spinbox(opts, from_=0, to=2**31 - 1, textvariable=self.seed, width=10).grid(row=0, column=1, sticky="w")
         ttk.Button(opts, text="Next seed", command=lambda: self.seed.set(self.seed.get() + 1)).grid(row=0, column=2)
         ttk.Label(opts, text="DDPM sampler").grid(row=1, column=0, sticky="w")
-        ttk.Combobox(opts, textvariable=self.sampler, values=("ddim", "ancestral"), width=10,
+        ttk.Combobox(opts, textvariable=self.sampler, values=("dpm++2m", "ddim", "ancestral"), width=10,
                      state="readonly").grid(row=1, column=1, sticky="w")
-        ttk.Label(opts, text="DDIM steps").grid(row=2, column=0, sticky="w")
+        ttk.Label(opts, text="DDPM steps").grid(row=2, column=0, sticky="w")
         ttk.Spinbox(opts, from_=1, to=1000, textvariable=self.steps, width=10).grid(row=2, column=1, sticky="w")
 
         buttons = ttk.Frame(left)
@@ -75,6 +84,9 @@ class App:
         self.progress.pack(fill="x", pady=4)
         self.status = tk.StringVar(value="Pick a checkpoint, then Generate Kanji.")
         ttk.Label(left, textvariable=self.status, wraplength=420, foreground="#333").pack(anchor="w")
+        self.record = tk.StringVar()  # how the selected model was made, and its evaluate.py figures
+        ttk.Label(left, textvariable=self.record, wraplength=420, foreground="#555",
+                  font="TkSmallCaptionFont").pack(anchor="w", pady=4)
 
         self.view = ttk.Label(root, padding=8, background="white")
         self.view.grid(row=0, column=1, sticky="nsew")
@@ -87,10 +99,19 @@ class App:
     def refresh(self):
         self.listbox.delete(0, "end")
         self.paths = []
-        for path, label in find_checkpoints(self.runs_dir):
+        for path, label in find_checkpoints(self.pretrained_dir, self.runs_dir):
             self.add(path, label)
+        default = os.path.join(self.pretrained_dir, "ddpm_kanji.pt")
         if self.paths:
-            self.listbox.selection_set(0)
+            self.listbox.selection_set(self.paths.index(default) if default in self.paths else 0)
+        self.show_record()
+
+    def show_record(self):
+        sel = self.listbox.curselection()
+        try:
+            self.record.set(sample.describe(self.paths[sel[0]]) if sel else "")
+        except data.GanjiError as e:
+            self.record.set(str(e))
 
     def add(self, path, label):
         self.paths.append(path)
@@ -105,6 +126,7 @@ class App:
             known.append(path)
         self.listbox.selection_clear(0, "end")
         self.listbox.selection_set(known.index(path))
+        self.show_record()
 
     def open_file(self):
         path = filedialog.askopenfilename(title="Open a GANji checkpoint",
@@ -139,7 +161,7 @@ class App:
             progress = lambda i, total: self.jobs.put(("progress", i + 1, total))
             if morph:  # 16 cells, each morphing through 12 frames
                 x = sample.generate(mod, net, cfg, 16 * 12, 12, seed, self.device, True, progress,
-                                    sampler="ddim", steps=min(steps, 20), eta=0.0)
+                                    sampler="ddim" if sampler == "ancestral" else sampler, steps=min(steps, 20))
                 frames = [x.view(16, 12, *x.shape[1:])[:, k] for k in range(12)]
             else:
                 frames = [sample.generate(mod, net, cfg, 16, 4, seed, self.device, False, progress,

@@ -2,12 +2,15 @@
 
     python vae.py                                          # built-in kanji, 64x64, reference width 1.0
     python vae.py --width 0.25 --limit 2000 --epochs 2 --out runs/vae_small
-    python vae.py --width 0.25 --limit 2000 --epochs 3 --out runs/vae_small --resume
+    python vae.py --out runs/vae_small --resume --epochs 3
 
 Encoder: conv -> 7 residual blocks (64 -> 512 channels, 64x64 -> 4x4) -> linear -> (mu, logvar).
 Decoder: the mirror image, ending in per-pixel logits. Loss: BCE on the logits summed over pixels
 + beta * KL(q(z|x) || N(0, I)), both per image, averaged over the batch.
 Images live in [0, 1] with ink bright ("01"), the range of the Bernoulli likelihood.
+
+The file reads top to bottom like the other two scripts: parse -> data -> model -> step -> loop ->
+checkpoint -> sampling API.
 """
 import argparse
 import math
@@ -18,20 +21,20 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 
 KIND = "vae"
 NORM = "01"
-# on --resume these come from the command line; everything else (architecture, data, seed, lr, beta, ...)
-# from the checkpoint's config, so that the continued run is the run that was stopped
-RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", "resume", "sample_every",
-            "log_every", "dry_run", "data_dir")
 
+
+# ----------------------------------------------------------------------------------------------------
+# Parse
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the GANji ResNet VAE.")
-    data.add_common_args(p, epochs=100, batch_size=64, lr=1e-3, precision="bf16", sample_every=1,
+    data.add_common_args(p, epochs=100, batch_size=64, lr=1e-3,
                          channels_last=False)  # NCHW: 1.14x (width 1) to 1.40x (width 0.25) faster on a CPU
     g = p.add_argument_group("vae")
     g.add_argument("--latent-dim", type=int, default=64, help="size of the latent z (default: %(default)s)")
@@ -42,15 +45,15 @@ def get_parser():
     return p
 
 
-def config_from_args(args):
-    """vars(args) plus the real image size, channels and display inversion of the chosen dataset."""
-    cfg = dict(vars(args))
-    size0, ch0 = data.NATIVE.get(args.dataset, (64, 1))
-    cfg["image_size"] = args.image_size or size0
-    cfg["channels"] = args.channels or ch0
-    cfg["display_invert"] = args.dataset == "kanji" or (args.dataset not in data.NATIVE and cfg["channels"] == 1)
-    cfg["kind"] = KIND
-    return cfg
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+def config_from_args(args, ds=None):
+    """vars(args) plus what the dataset decides (real size, channels, display) and the steps per epoch."""
+    ds = ds if ds is not None else data.data_from_args(args)
+    n, c, s = ds.images.shape[:3]
+    return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
+            "n_images": n, "steps_per_epoch": math.ceil(n / args.batch_size)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,6 +134,10 @@ def build(cfg):
     return VAE(cfg["image_size"], cfg["channels"], cfg["width"], cfg["latent_dim"])
 
 
+def layout(cfg):
+    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+
+
 def vae_loss(logits, x, mu, logvar, beta):
     """-> (loss, recon, kl), each a per-image sum averaged over the batch. Call it with fp32 tensors.
 
@@ -143,57 +150,163 @@ def vae_loss(logits, x, mu, logvar, beta):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training step
+# Step
 
 class Trainer:
-    """Model + Adam + autocast; `step` is the whole hot path (bench.py times it)."""
+    """The network and Adam; `step` is one training step on a normalized batch (bench.py times it)."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
-        layout = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-        self.model = build(cfg).to(self.device, memory_format=layout)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
-        self.net = torch.compile(self.model) if cfg["compile"] else self.model
-        self.kl_weight = cfg["beta"]  # the training loop lowers it during --kl-warmup
+        self.net = build(cfg).to(self.device, memory_format=layout(cfg))
+        self.net_fwd = torch.compile(self.net) if cfg["compile"] else self.net
+        self.ema = None  # no EMA for the VAE: it samples with the trained weights
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
+        self.step_count, self.lr = 0, cfg["lr"]
 
     @property
     def sample_net(self):
-        return self.model  # no EMA for the VAE: it samples with the trained weights
+        return self.net
+
+    def kl_weight(self):
+        """beta, ramped linearly from 0 over the first --kl-warmup epochs (a pure function of the step)."""
+        warmup_steps = self.cfg["kl_warmup"] * self.cfg["steps_per_epoch"]
+        return self.cfg["beta"] * (min(1.0, self.step_count / warmup_steps) if warmup_steps > 0 else 1.0)
 
     def step(self, x):
-        """One Adam step on a normalized batch x (N, C, S, S) in [0, 1]; returns the losses as floats."""
+        """One Adam step on x (N, C, S, S) in [0, 1]; returns the losses as floats."""
+        kl_weight = self.kl_weight()
         with data.autocast(self.device, self.cfg["precision"]):
-            logits, mu, logvar = self.net(x)
-        loss, recon, kl = vae_loss(logits.float(), x.float(), mu, logvar, self.kl_weight)  # fp32 loss
-        self.opt.zero_grad(set_to_none=True)
+            logits, mu, logvar = self.net_fwd(x)
+        loss, recon, kl = vae_loss(logits.float(), x.float(), mu, logvar, kl_weight)  # fp32 loss
+        if not torch.isfinite(loss):  # leave the weights as they were; the loop stops the run
+            return {"loss": loss.item()}
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
+        self.optimizer.step()
+        self.step_count += 1
         loss, recon, kl = torch.stack([loss, recon, kl]).tolist()  # one device sync
-        return {"loss": loss, "recon": recon, "kl": kl}
+        return {"loss": loss, "recon": recon, "kl": kl, "kl_weight": kl_weight}
 
     def state_dict(self):
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        return {"net": self.net.state_dict(), "ema": None, "optimizer": self.optimizer.state_dict(),
+                "step": self.step_count}
 
     def load_state_dict(self, d):
-        self.model.load_state_dict(d["model"])
-        self.opt.load_state_dict(d["optimizer"])
+        self.net.load_state_dict(d["net"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.step_count = d["step"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loop
+
+def main(argv=None):
+    args, ckpt = data.open_run(get_parser(), argv, KIND)
+    device = data.pick_device(args.device)
+    ds = data.data_from_args(args)
+    cfg = config_from_args(args, ds)
+    torch.manual_seed(cfg["seed"])  # weight init
+    trainer = Trainer(cfg, device)
+    epoch, batch, seconds = 0, 0, 0.0  # completed epochs, batches done in the epoch under way, training time
+    if ckpt:
+        trainer.load_state_dict(ckpt)
+        epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
+        data.set_rng_state(ckpt["rng"])
+    out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
+    os.makedirs(out, exist_ok=True)
+    data.write_config(out, cfg)
+    log = data.MetricsLog(out)
+    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
+                           cfg["channels_last"])
+    epochs, per_epoch = (1, min(2, len(batches))) if cfg["dry_run"] else (cfg["epochs"], len(batches))
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
+          f"{device}, bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
+    # a fixed spread of 32 dataset images for the reconstruction grid
+    fixed = data.normalize(ds.images[torch.linspace(0, len(ds.images) - 1, min(32, len(ds.images))).long()], NORM)
+    t_run = time.perf_counter()
+    save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
+
+    with data.CtrlC() as stop:
+        while epoch < epochs:
+            sums, seen, t0 = {}, 0, time.perf_counter()
+            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            for x in batches.epoch(epoch, start=batch):
+                if batch >= per_epoch or stop.requested:
+                    break
+                losses = trainer.step(x)
+                if not math.isfinite(losses["loss"]):
+                    bar.close()
+                    sys.exit(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1} step "
+                             f"{trainer.step_count + 1}; stopped, {ckpt_path} keeps the last good state")
+                batch, seen = batch + 1, seen + len(x)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                img_s = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{losses['loss']:.1f}", kl=f"{losses['kl']:.1f}", img_s=f"{img_s:.1f}")
+                bar.update()
+                if trainer.step_count % cfg["log_every"] == 0:
+                    log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
+                              lr=trainer.lr)
+            bar.close()
+            if stop.requested:
+                save()
+                print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
+                      file=sys.stderr)
+                sys.exit(130)
+            epoch, batch = epoch + 1, 0
+            if seen:
+                log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
+                          img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr)
+                print(f"epoch {epoch}/{epochs}: loss {sums['loss'] / seen:.2f}, step {trainer.step_count}")
+            if epoch % cfg["sample_every"] == 0 or epoch == epochs:
+                save_grids(trainer.sample_net, cfg, fixed, device, epoch)
+            save()
+    print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
+
+
+def save_grids(net, cfg, fixed, device, epoch):
+    """Samples from the fixed seed, and the fixed images above their reconstructions."""
+    data.save_grid(sample(net, cfg, 64, seed=cfg["seed"], device=device),
+                   os.path.join(cfg["out"], f"samples_epoch{epoch:03d}.png"), cfg["display_invert"])
+    recon = reconstruct(net, fixed, device)
+    data.save_grid(torch.cat([fixed, recon]), os.path.join(cfg["out"], f"recon_epoch{epoch:03d}.png"),
+                   cfg["display_invert"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint
+
+def save_checkpoint(path, trainer, epoch, batch, train_seconds):
+    """The self-describing checkpoint. epoch: completed epochs; batch: batches done in the epoch under way."""
+    data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": trainer.cfg, **trainer.state_dict(),
+                      "epoch": epoch, "batch": batch, "train_seconds": train_seconds,
+                      "machine": data.machine(trainer.device), "rng": data.rng_state()}, path)
+
+
+def load(path, device="cpu"):
+    """A checkpoint (full or slim) -> (VAE in eval mode on `device`, config)."""
+    ckpt = data.load_checkpoint(path, KIND)
+    cfg = ckpt["config"]
+    net = build(cfg)
+    net.load_state_dict(sampling_weights(ckpt))  # a slim file's bf16 weights are copied into fp32 parameters
+    return net.to(device, memory_format=layout(cfg)).eval(), cfg
+
+
+def sampling_weights(ckpt):
+    """The state_dict that draws samples: a slim file's, else the trained network's."""
+    return ckpt.get("sample_net") or ckpt["net"]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling API (sample.py, the GUI, evaluate.py)
 
-def load(path, device="cpu"):
-    """A checkpoint -> (VAE in eval mode on `device`, config)."""
-    ckpt = data.load_checkpoint(path, KIND)
-    net = build(ckpt["config"])
-    net.load_state_dict(ckpt["model"])
-    return net.to(device).eval(), ckpt["config"]
-
-
 @torch.no_grad()
 def decode(net, z, device="cpu", chunk=256):
     """Latents (N, latent_dim) -> images (N, C, S, S) in [0, 1] on the CPU, decoded `chunk` at a time."""
-    return torch.cat([torch.sigmoid(net.decode(part.to(device)).float()).cpu() for part in z.split(chunk)])
+    device = torch.device(device)
+    with data.autocast(device):
+        return torch.cat([torch.sigmoid(net.decode(part.to(device)).float()).cpu() for part in z.split(chunk)])
 
 
 @torch.no_grad()
@@ -208,99 +321,10 @@ def sample(net, cfg, n, seed=0, device="cpu"):
     return decode(net, z, device)
 
 
-def interpolate(net, cfg, rows, steps, seed=0, device="cpu", spherical=True):
-    """rows*steps images (row-major) in [0, 1]: each row morphs between two random latents."""
+def interpolate(net, cfg, rows, frames, seed=0, device="cpu", spherical=True):
+    """rows * frames images (row-major) in [0, 1]: each row morphs between two random latents."""
     z0, z1 = torch.randn(2, rows, cfg["latent_dim"], generator=torch.Generator().manual_seed(seed))
-    return decode(net, data.latent_morph(z0, z1, steps, spherical), device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training loop
-
-def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    out, ckpt, cfg = data.open_run(KIND, parser, args, RUN_KEYS, config_from_args)
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    device = data.pick_device(cfg["device"])
-    torch.manual_seed(cfg["seed"])  # weight init
-    trainer = Trainer(cfg, device)  # before the data: a bad architecture flag fails at once
-    ds = data.data_from_args(argparse.Namespace(**cfg))
-    os.makedirs(out, exist_ok=True)
-    data.write_config(out, cfg)
-    log = data.MetricsLog(out)
-    epoch, step, batch = 0, 0, 0  # completed epochs, global steps, batches done in the current epoch
-    if ckpt:
-        trainer.load_state_dict(ckpt)
-        epoch, step, batch = ckpt["epoch"], ckpt["step"], ckpt["batch"]
-        data.set_rng_state(ckpt["rng"])
-    epochs = 1 if cfg["dry_run"] else cfg["epochs"]
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images "
-          f"{tuple(ds.images.shape[1:])}, {device}, {cfg['precision']}, epoch {epoch}/{epochs}")
-
-    batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
-                           cfg["channels_last"])
-    # a fixed spread of 32 dataset images for the reconstruction grid
-    fixed = data.normalize(ds.images[torch.linspace(0, len(ds.images) - 1, min(32, len(ds.images))).long()], NORM)
-    per_epoch = 2 if cfg["dry_run"] else len(batches)
-
-    def save():
-        data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": cfg, **trainer.state_dict(),
-                          "epoch": epoch, "step": step, "batch": batch, "rng": data.rng_state()}, ckpt_path)
-
-    def save_grids():
-        net = trainer.sample_net
-        data.save_grid(sample(net, cfg, 64, seed=cfg["seed"], device=device),
-                       os.path.join(out, f"samples_epoch{epoch:03d}.png"), ds.display_invert)
-        recon = reconstruct(net, fixed, device)
-        data.save_grid(torch.cat([fixed, recon]), os.path.join(out, f"recon_epoch{epoch:03d}.png"),
-                       ds.display_invert)
-
-    from tqdm import tqdm
-    try:
-        while epoch < epochs:
-            sums, seen, t0 = {}, 0, time.perf_counter()
-            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=True)
-            t_log, seen_log = t0, 0
-            for x in batches.epoch(epoch, start=batch):
-                if batch >= per_epoch:
-                    break
-                if cfg["kl_warmup"] > 0:
-                    trainer.kl_weight = cfg["beta"] * min(1.0, (epoch + batch / per_epoch) / cfg["kl_warmup"])
-                losses = trainer.step(x)
-                if not math.isfinite(losses["loss"]):
-                    bar.close()
-                    print(f"error: non-finite loss ({losses['loss']}) at epoch {epoch + 1} step {step + 1}; "
-                          f"stopping, {ckpt_path} keeps the last good state", file=sys.stderr)
-                    sys.exit(1)
-                step, batch = step + 1, batch + 1
-                seen, seen_log = seen + len(x), seen_log + len(x)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(x)
-                ips = seen / (time.perf_counter() - t0)
-                bar.set_postfix(**{k: f"{v:.2f}" for k, v in losses.items()}, img_s=f"{ips:.1f}")
-                bar.update()
-                if step % cfg["log_every"] == 0:
-                    now = time.perf_counter()
-                    log.write(row="step", epoch=epoch + 1, step=step, **losses, kl_weight=trainer.kl_weight,
-                              img_per_s=seen_log / (now - t_log), lr=cfg["lr"])
-                    t_log, seen_log = now, 0
-            bar.close()
-            elapsed = time.perf_counter() - t0
-            epoch, batch = epoch + 1, 0
-            if seen:
-                log.write(row="epoch", epoch=epoch, step=step, **{k: v / seen for k, v in sums.items()},
-                          kl_weight=trainer.kl_weight, img_per_s=seen / elapsed, lr=cfg["lr"])
-            if epoch % cfg["sample_every"] == 0 or epoch == epochs:
-                save_grids()
-            save()
-    except KeyboardInterrupt:
-        save()
-        print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
-              file=sys.stderr)
-        sys.exit(130)
-    print(f"done: {epoch} epochs, {step} steps; {out}")
+    return decode(net, data.latent_morph(z0, z1, frames, spherical), device)
 
 
 if __name__ == "__main__":

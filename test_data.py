@@ -1,0 +1,203 @@
+"""data.py: the rendered kanji, folders, MNIST/CIFAR-10 in their real file formats, batching, small helpers."""
+import os
+import pickle
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import HERE, run_cli
+
+
+@pytest.fixture(scope="module")
+def kanji(data_dir):
+    return data.load_dataset("kanji", data_dir=data_dir, progress=False)
+
+
+def test_import_does_no_work(tmp_path):
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import data; print(sorted(m for m in ('PIL', 'torchvision') if m in sys.modules))"
+    out = run_cli("-c", code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert os.listdir(tmp_path) == []  # no cache, no data folder written
+
+
+def test_kanji_count_and_format(kanji):
+    x = kanji.images
+    assert x.dtype == torch.uint8 and x.shape[1:] == (1, 64, 64)
+    assert len(x) > 12000 and len(kanji.labels) == len(x)
+    assert kanji.display_invert
+    cps = kanji.labels.tolist()
+    assert all(data.KANJI_RANGE[0] <= c <= data.KANJI_RANGE[1] for c in cps)
+    assert cps == sorted(set(cps))
+
+
+def test_kanji_no_blank_or_duplicate(kanji):
+    x = kanji.images.flatten(1)
+    assert (x.amax(1) >= 64).all()  # every glyph has strokes
+    assert len(torch.unique(x, dim=0)) == len(x)
+
+
+def test_kanji_fixed_em_box(kanji):
+    """One scale and offset for every glyph: 一 is a thin horizontal stroke near the middle."""
+    ichi = kanji.images[kanji.labels.tolist().index(0x4E00), 0].float()
+    rows = (ichi > 128).any(1).nonzero().flatten()
+    assert rows.max() - rows.min() < 8
+    assert 20 < rows.float().mean() < 44
+    x = kanji.images  # a margin of 64/16 = 4 pixels stays empty around every glyph
+    assert x[..., :3].max() == x[..., -3:].max() == x[..., :3, :].max() == x[..., -3:, :].max() == 0
+
+
+def test_kanji_cache_reload_identical(data_dir, kanji):
+    again = data.load_dataset("kanji", data_dir=data_dir, progress=False)
+    assert torch.equal(again.images, kanji.images) and torch.equal(again.labels, kanji.labels)
+    import hashlib
+    digest = hashlib.sha256(open(data.default_font(), "rb").read()).hexdigest()[:16]
+    assert os.path.isfile(os.path.join(data_dir, f"kanji-{digest}-64px-4e00-9fff.pt"))  # keyed by font hash
+
+
+def test_font_cmap_decides_which_glyphs(kanji):
+    cps = data.font_codepoints(data.default_font())
+    assert set(kanji.labels.tolist()) <= set(cps)
+    import pylopdf_fonts_jp
+    sans = data.font_codepoints(str(pylopdf_fonts_jp.sans_path()))
+    assert len(sans) > 12000 and all(data.KANJI_RANGE[0] <= c <= data.KANJI_RANGE[1] for c in sans)
+    assert 0x9FFF not in cps  # not in the font, yet PIL draws it (as a tofu box): only the cmap tells
+    tofu = data.render_glyphs(data.default_font(), [0x9FFF], 64, progress=False)
+    assert tofu.max() == 255
+
+
+def test_limit_and_sizes(data_dir):
+    small = data.load_dataset("kanji", image_size=32, limit=10, data_dir=data_dir, progress=False)
+    assert small.images.shape == (10, 1, 32, 32)
+    rgb = data.load_dataset("kanji", image_size=32, channels=3, limit=4, data_dir=data_dir, progress=False)
+    assert rgb.images.shape == (4, 3, 32, 32)
+    assert torch.equal(rgb.images[:, 0], small.images[:4, 0])
+
+
+def test_normalization_ranges():
+    x = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8)
+    a, b = data.normalize(x, "01"), data.normalize(x, "11")
+    assert a.min() == 0 and a.max() == 1 and b.min() == -1 and b.max() == 1
+    assert torch.allclose(data.denormalize(a, "01"), a) and torch.allclose(data.denormalize(b, "11"), a)
+    assert torch.allclose(b, a * 2 - 1)
+
+
+def _png(path, value, size=(48, 48), mode="L"):
+    from PIL import Image
+    Image.new(mode, size, value).save(path)
+
+
+def test_folder_skips_broken_and_text_files(tmp_path, capsys):
+    for i in range(3):
+        _png(tmp_path / f"k{i}.png", 40 * i)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "notes.txt").write_text("hello")
+    ds = data.load_dataset(str(tmp_path), image_size=32)
+    assert ds.images.shape == (3, 1, 32, 32) and ds.display_invert
+    assert ds.images[2].float().mean() == 80
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable" in err and err.count("\n") == 1
+    inv = data.load_dataset(str(tmp_path), image_size=32, invert=True, channels=3)
+    assert inv.images.shape == (3, 3, 32, 32) and inv.images[0].float().mean() == 255
+
+
+def test_missing_or_empty_folder_is_one_line_error(tmp_path):
+    with pytest.raises(data.GanjiError, match="not found"):
+        data.load_dataset(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.GanjiError, match="no readable images"):
+        data.load_dataset(str(tmp_path / "empty"))
+    out = run_cli("data.py", "--dataset", str(tmp_path / "nope"))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def _write_idx(path, array):
+    """MNIST's idx format: magic (0, 0, dtype=0x08 ubyte, ndim), big-endian int32 dims, raw bytes."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_mnist_real_format(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20, 28, 28))
+    for prefix, n in (("train", 20), ("t10k", 5)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", imgs[:n])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    ds = data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+    assert ds.images.shape == (20, 1, 32, 32) and not ds.display_invert
+    native = data.load_dataset("mnist", image_size=28, data_dir=str(tmp_path), download=False)
+    assert np.array_equal(native.images[:, 0].numpy(), imgs)
+
+
+def test_cifar10_real_format(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    # our synthetic batches cannot match the real files' md5 sums; everything else is the real code path
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), "labels": [0, 1, 2, 3]}
+        batches.append(batch["data"])
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    ds = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+    assert ds.images.shape == (20, 3, 32, 32) and not ds.display_invert
+    assert np.array_equal(ds.images[0].numpy().reshape(-1), batches[0][0])
+
+
+def test_offline_mnist_error_says_where(tmp_path):
+    with pytest.raises(data.GanjiError, match="MNIST/raw"):
+        data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+
+
+def test_epoch_covers_every_image_once_and_is_seeded():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
+    b = data.Batches(images, 16, "cpu", "01", seed=3)
+    assert len(b) == 4
+    seen = torch.cat([x[:, 0, 0, 0] for x in b.epoch(0)]) * 255
+    assert sorted(seen.round().long().tolist()) == list(range(50))
+    again = torch.cat([x[:, 0, 0, 0] for x in data.Batches(images, 16, "cpu", "01", seed=3).epoch(0)]) * 255
+    assert torch.equal(seen, again)
+    other = torch.cat([x[:, 0, 0, 0] for x in b.epoch(1)]) * 255
+    assert not torch.equal(seen, other)
+    rest = torch.cat([x[:, 0, 0, 0] for x in b.epoch(0, start=2)]) * 255
+    assert torch.equal(rest, seen[32:])
+
+
+def test_hflip_only_when_asked():
+    images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
+    images[..., 0] = 255  # ink in the left column only
+    plain = torch.cat(list(data.Batches(images, 8, "cpu", "11").epoch(0)))
+    assert (plain[..., 0] == 1).all() and (plain[..., 3] == -1).all()
+    flipped = torch.cat(list(data.Batches(images, 8, "cpu", "11", hflip=True).epoch(0)))
+    right = (flipped[:, 0, 0, 3] == 1).sum().item()
+    assert 0 < right < 40  # about half flipped, and flipping moves ink to the right column
+    assert ((flipped[..., 0] == 1) ^ (flipped[..., 3] == 1)).all()
+
+
+def test_keep_freed_memory_applies_on_glibc_only():
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert data.keep_freed_memory() is glibc
+
+
+def test_latent_morph_rows_walk_from_start_to_end():
+    z0, z1 = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    for spherical in (True, False):
+        z = data.latent_morph(z0, z1, 5, spherical).view(3, 5, 16)  # row-major: row r is z0[r] -> z1[r]
+        assert torch.allclose(z[:, 0], z0, atol=1e-5) and torch.allclose(z[:, -1], z1, atol=1e-5)
+    mid = data.latent_morph(z0, z1, 3, spherical=False).view(3, 3, 16)[:, 1]
+    assert torch.allclose(mid, (z0 + z1) / 2, atol=1e-6)
