@@ -234,6 +234,7 @@ class Reference:
     bits: torch.Tensor    # (M, S*S) bool: glyphs binarized at half ink, at the reference size S
     soft: torch.Tensor    # (M, 1024) float32 unit vectors of blurred 32x32 glyphs, to pick IoU candidates
     size: int
+    gray: float           # gray_share of the reference glyphs themselves
 
     def __len__(self):
         return len(self.feats)
@@ -255,7 +256,8 @@ def reference(images, name="training set", net=None, device="cpu"):
     x01 = prepare(images, images.shape[-1])
     feats = features(net, x01)
     mu, sigma = moments(feats)
-    return Reference(name, net, feats, mu, sigma, (x01 > 0.5).flatten(1), soft_glyphs(x01), x01.shape[-1])
+    return Reference(name, net, feats, mu, sigma, (x01 > 0.5).flatten(1), soft_glyphs(x01), x01.shape[-1],
+                     gray_share(x01))
 
 
 def kanji_reference(font=None, image_size=64, data_dir="data", net=None, device="cpu", limit=None):
@@ -268,6 +270,15 @@ def kanji_reference(font=None, image_size=64, data_dir="data", net=None, device=
 
 # ----------------------------------------------------------------------------------------------------
 # The metrics
+
+def gray_share(x01):
+    """Ink crispness: the share of pixels that are neither paper nor ink (0.1 < v < 0.9) in [0, 1] images.
+
+    Blur is what a kanji-identity feature space sees least; anti-aliased real glyphs have a few percent of such
+    edge pixels, a blurry model many more."""
+    x = x01.float()
+    return ((x > 0.1) & (x < 0.9)).float().mean().item()
+
 
 def moments(feats):
     """(N, D) -> mean (D,) and unbiased covariance (D, D), in float64."""
@@ -403,6 +414,7 @@ def measure(x01, ref, seed=0, pairs=None):
             "kid_subsets": KID_SUBSETS, "kid_subset_size": min(KID_SUBSET_SIZE, len(f), len(ref)),
             "precision": p, "recall": r, "pr_k": PR_K,
             "near_copy_rate": (iou > COPY_IOU).double().mean().item(), "copy_iou": COPY_IOU, "copy_shift": COPY_SHIFT,
+            "gray_share": gray_share(x01), "reference_gray_share": ref.gray,
             "closest_iou": dict(zip(("q10", "q25", "median", "q75", "q90"), q), mean=iou.mean().item(),
                                 min=iou.min().item(), max=iou.max().item()),
             "seed": seed, "seconds": round(time.time() - t0, 2)}
@@ -503,7 +515,8 @@ def write_record(path, m, sampler):
     ckpt = data.load_checkpoint(path)
     if not ckpt.get("slim"):
         raise data.GanjiError(f"--record writes into slim files only; make one with: python sample.py export {path} OUT")
-    ckpt["record"]["evaluate"] = {**{k: m[k] for k in ("n", "fid", "kid", "precision", "recall", "near_copy_rate")},
+    keys = ("n", "fid", "kid", "precision", "recall", "near_copy_rate", "gray_share", "reference_gray_share")
+    ckpt["record"]["evaluate"] = {**{k: m[k] for k in keys},
                                   "sampler": sampler, "date": time.strftime("%Y-%m-%d")}
     data.atomic_save(ckpt, path)
     print(f"wrote the figures into {path}'s record")
@@ -513,11 +526,13 @@ def table_row(m):
     c = m["closest_iou"]
     return (f"| {m.get('row', m.get('source', ''))} | {m['n']} vs {m['reference_n']} | {m['fid']:.2f} | "
             f"{1000 * m['kid']:.2f} ± {1000 * m['kid_std']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | "
-            f"{m['near_copy_rate']:.3f} | {c['median']:.2f} ({c['q10']:.2f}-{c['q90']:.2f}) |")
+            f"{m['near_copy_rate']:.3f} | {c['median']:.2f} ({c['q10']:.2f}-{c['q90']:.2f}) | "
+            f"{m['gray_share']:.3f} ({m['reference_gray_share']:.3f}) |")
 
 
 TABLE_HEAD = ("| images | n vs reference | FID | KID x 1000 (± std) | precision | recall | near-copy rate | "
-              "closest IoU median (q10-q90) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+              "closest IoU median (q10-q90) | gray share (reals') |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -614,6 +629,7 @@ def main(argv=None):
         print(table_row(m))
         print(f"FID {m['fid']:.2f}, KID {m['kid']:.5f} ± {m['kid_std']:.5f}, precision {m['precision']:.3f}, "
               f"recall {m['recall']:.3f}, near copies {m['near_copy_rate']:.1%} (closest IoU > {COPY_IOU}), "
+              f"gray share {m['gray_share']:.3f} (reals {m['reference_gray_share']:.3f}), "
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
         if args.record:

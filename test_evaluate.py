@@ -132,6 +132,14 @@ def test_a_set_against_itself_scores_zero(glyphs, ref):
     assert m["precision"] == 1.0 and m["recall"] == 1.0
     assert m["near_copy_rate"] == 1.0 and m["closest_iou"]["min"] == 1.0
     assert m["n"] == 600 and m["reference_n"] == 600 and m["reference"] == "first 600"
+    assert m["gray_share"] == m["reference_gray_share"] > 0
+
+
+def test_gray_share_counts_pixels_between_paper_and_ink(glyphs):
+    x = torch.tensor([0.0, 0.1, 0.1001, 0.5, 0.8999, 0.9, 1.0, 0.05]).view(1, 1, 2, 4)
+    assert evaluate.gray_share(x) == 3 / 8  # strictly between 0.1 and 0.9
+    crisp = glyphs[:200]
+    assert evaluate.gray_share(evaluate.blur(crisp, 2.0)) > 2 * evaluate.gray_share(crisp)
 
 
 def test_noise_is_far_worse_than_another_half_of_real(glyphs, ref):
