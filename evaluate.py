@@ -575,7 +575,8 @@ def get_parser():
     g = p.add_argument_group("--train-features")
     g.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule (default: %(default)s)")
-    g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="(default: %(default)s)")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto = bf16 where the device computes it natively, else fp32 (default: %(default)s)")
     g.add_argument("--test-every", type=int, default=5,
                    help="print the Serif accuracy every N epochs (default: %(default)s)")
     g.add_argument("--feature-size", type=int, default=32, help="input side of the network (default: %(default)s)")

@@ -1,5 +1,5 @@
-"""The contract the three training scripts keep alike (shared/README.md section 1), one test per promise,
-each run for vae.py, gan.py and ddpm.py on the tiny config of conftest.py."""
+"""The run contract the three training scripts keep alike (checkpoints, resume, Ctrl-C, failures, the CLI),
+one test per promise, each run for vae.py, gan.py and ddpm.py on the tiny config of conftest.py."""
 import importlib
 import json
 import os

@@ -1,6 +1,7 @@
 """sample.py, slim files (pretrained/) and the window, on tiny checkpoints the training scripts write."""
 import importlib
 import os
+import subprocess
 
 import pytest
 import torch
