@@ -45,6 +45,11 @@ def get_parser():
     g.add_argument("--pred", default="eps", choices=("eps", "v"),
                    help="what the U-Net predicts: the noise eps or v = sqrt(ab) eps - sqrt(1-ab) x0 "
                         "(default: %(default)s)")
+    g.add_argument("--loss-weight", default="uniform", choices=("uniform", "min-snr"),
+                   help="per-step weight of the MSE: uniform, or min-SNR-gamma (Hang et al. 2023), which caps the "
+                        "weight of the easy low-noise steps (default: %(default)s)")
+    g.add_argument("--snr-gamma", type=float, default=5.0,
+                   help="gamma of --loss-weight min-snr (default: %(default)s)")
     g.add_argument("--attn", action="store_true",
                    help="self-attention across the pixels of each image at 1/4 and 1/8 resolution (default: off)")
     g.add_argument("--warmup", type=int, default=500,
@@ -135,6 +140,18 @@ def ancestral_step(x0, xt, t, sched, noise):
     """One DDPM reverse step: x_{t-1} ~ q(x_{t-1} | x_t, x0 = the network's estimate)."""
     mean, var = posterior(x0, xt, t, sched)
     return mean + var ** 0.5 * noise
+
+
+def loss_weight(ab, pred, kind="uniform", gamma=5.0):
+    """Per-sample weights (B,) of the MSE at signal fractions ab (B,).
+
+    min-snr (Hang et al. 2023): weight the x0 error by min(SNR, gamma), SNR = ab / (1 - ab). An eps error is the
+    x0 error times SNR and a v error the x0 error times (SNR + 1), so the weight on their MSE is min(SNR, gamma) / SNR
+    for eps and min(SNR, gamma) / (SNR + 1) for v."""
+    if kind == "uniform":
+        return torch.ones_like(ab)
+    snr = ab / (1 - ab)
+    return snr.clamp(max=gamma) / (snr if pred == "eps" else snr + 1)
 
 
 def ddim_step(x0, eps, ab_t, ab_prev, eta, noise=None):
@@ -327,8 +344,10 @@ class Trainer:
         xt = q_sample(x, t, eps, self.alpha_bar)
         with data.autocast(self.device, cfg["precision"]):
             out = self.net_fwd(xt, t)
-        target = eps if cfg["pred"] == "eps" else v_target(x, eps, self.alpha_bar[t].view(-1, 1, 1, 1))
-        loss = F.mse_loss(out.float(), target)
+        ab = self.alpha_bar[t]
+        target = eps if cfg["pred"] == "eps" else v_target(x, eps, ab.view(-1, 1, 1, 1))
+        weight = loss_weight(ab, cfg["pred"], cfg["loss_weight"], cfg["snr_gamma"])
+        loss = (weight * (out.float() - target).pow(2).mean((1, 2, 3))).mean()  # uniform: plain MSE
         if not torch.isfinite(loss):  # leave the weights as they were; the loop stops the run
             return {"loss": loss.item()}
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """ddpm.py: the diffusion math against hand-written formulas, the U-Net, the samplers and checkpoints (the run
 contract it shares with the other two scripts is in test_models.py)."""
+import copy
 import math
 
 import pytest
@@ -160,6 +161,35 @@ def test_ddim_eta1_consecutive_is_the_ancestral_step():
         ddim = ddpm.ddim_step(x0, eps, ab[t], ab[t - 1], eta=1.0, noise=z)
         torch.testing.assert_close(anc, ho, rtol=0, atol=1e-9)
         torch.testing.assert_close(ddim, anc, rtol=0, atol=1e-9)
+
+
+def test_min_snr_weights_at_known_snrs():
+    """SNR 1, 9 and 1/9 (ab = 0.5, 0.9, 0.1), gamma 5: eps weights min(SNR, 5) / SNR, v weights min(SNR, 5) / (SNR + 1)."""
+    ab = torch.tensor([0.5, 0.9, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(ddpm.loss_weight(ab, "eps", "min-snr", 5.0), torch.tensor([1.0, 5 / 9, 1.0]).double())
+    torch.testing.assert_close(ddpm.loss_weight(ab, "v", "min-snr", 5.0), torch.tensor([0.5, 0.5, 0.1]).double())
+    assert torch.equal(ddpm.loss_weight(ab, "eps", "uniform"), torch.ones(3).double())
+
+
+def test_uniform_weight_is_the_plain_mse_and_min_snr_weights_each_image():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    losses = {}
+    for kind in ("uniform", "min-snr"):
+        torch.manual_seed(1)
+        tr = ddpm.Trainer(tiny_cfg(image_size=16, pred="v", loss_weight=kind, snr_gamma=5.0), "cpu")
+        net = copy.deepcopy(tr.net)
+        torch.manual_seed(2)
+        losses[kind] = tr.step(x)["loss"]
+        torch.manual_seed(2)  # the same t and eps the step drew
+        t = torch.randint(0, 1000, (4,))
+        eps = torch.randn_like(x)
+        ab = tr.alpha_bar[t]
+        v = ddpm.v_target(x, eps, ab.view(-1, 1, 1, 1))
+        per_image = (net(ddpm.q_sample(x, t, eps, tr.alpha_bar), t) - v).pow(2).mean((1, 2, 3))
+        want = per_image.mean() if kind == "uniform" else (ddpm.loss_weight(ab, "v", "min-snr", 5.0) * per_image).mean()
+        assert losses[kind] == pytest.approx(want.item(), rel=1e-5)
+    assert losses["uniform"] != pytest.approx(losses["min-snr"])
 
 
 def test_ddim_timesteps():
