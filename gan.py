@@ -43,10 +43,21 @@ def get_parser():
     data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4)
     g = p.add_argument_group("gan")
     g.add_argument("--latent-dim", type=int, default=128, help="size of the latent z (default: %(default)s)")
-    g.add_argument("--loss", default="hinge", choices=("hinge", "wasserstein", "bce"),
-                   help="adversarial loss; bce is the non-saturating one (default: %(default)s)")
+    g.add_argument("--loss", default="hinge", choices=("hinge", "wasserstein", "bce", "rpgan"),
+                   help="adversarial loss; bce is the non-saturating one, rpgan the relativistic pairing loss of "
+                        "R3GAN (default: %(default)s)")
+    g.add_argument("--penalty", default="gp", choices=("gp", "r1r2"),
+                   help="gp: the one-centred (||grad D|| - 1)^2 on real-fake interpolates (WGAN-GP, the original "
+                        "GANji's); r1r2: zero-centred ||grad D||^2 on reals (R1) and on fakes (R2) (default: %(default)s)")
     g.add_argument("--gp", type=float, default=10.0,
-                   help="weight of the gradient penalty (||grad D|| - 1)^2; 0 = off (default: %(default)s)")
+                   help="weight of --penalty gp; 0 = off (default: %(default)s)")
+    g.add_argument("--gamma", type=float, default=1.0,
+                   help="weight of --penalty r1r2: gamma / 2 * (R1 + R2); 0 = off (default: %(default)s)")
+    g.add_argument("--penalty-every", type=int, default=1,
+                   help="lazy penalty: only every N-th D step, weighted by N (default: %(default)s)")
+    g.add_argument("--augment", action="store_true",
+                   help="DiffAugment every image D sees, real and fake: a translation and a cutout, drawn per image "
+                        "(no flip) (default: off)")
     g.add_argument("--n-critic", type=int, default=1,
                    help="discriminator steps per generator step, on the same batch (default: %(default)s)")
     g.add_argument("--lr-d", type=float, default=None,
@@ -71,8 +82,9 @@ def config_from_args(args, ds=None):
     n, c, s = ds.images.shape[:3]
     if s % 16 or s < 32:
         raise data.GanjiError(f"the GAN needs an --image-size that is a multiple of 16 and at least 32, got {s}")
-    if args.n_critic < 1:
-        raise data.GanjiError(f"--n-critic must be at least 1, got {args.n_critic}")
+    if args.n_critic < 1 or args.penalty_every < 1:
+        raise data.GanjiError(f"--n-critic and --penalty-every must be at least 1, got {args.n_critic}, "
+                              f"{args.penalty_every}")
     return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
             "n_images": n, "steps_per_epoch": math.ceil(n / args.batch_size),
             "lr_d": args.lr if args.lr_d is None else args.lr_d,
@@ -197,15 +209,19 @@ def d_loss(loss, real, fake):
         return fake.mean() - real.mean()
     if loss == "bce":  # -log sigmoid(real) - log(1 - sigmoid(fake))
         return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if loss == "rpgan":  # relativistic pairing: -log sigmoid(real_i - fake_i), image i of each batch paired
+        return F.softplus(fake - real).mean()
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def g_loss(loss, fake):
-    """Generator loss from the discriminator's scores (N,) on its fakes."""
+def g_loss(loss, fake, real=None):
+    """Generator loss from the discriminator's scores (N,) on its fakes (and, for rpgan, on the paired reals)."""
     if loss == "bce":  # non-saturating: -log sigmoid(fake), strong gradients while D wins
         return F.softplus(-fake).mean()
     if loss in ("hinge", "wasserstein"):
         return -fake.mean()
+    if loss == "rpgan":  # -log sigmoid(fake_i - real_i)
+        return F.softplus(real - fake).mean()
     raise ValueError(f"unknown loss {loss!r}")
 
 
@@ -230,6 +246,38 @@ def gradient_penalty(D, real, fake):
     score = D(x).float()
     grad, = torch.autograd.grad(score.sum(), x, create_graph=True)  # D(x_i) depends on x_i only; fp32 like x
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def zero_centred_penalty(D, x):
+    """E[||grad_x D(x)||^2] at the images x themselves: R1 on reals, R2 on fakes (Mescheder et al. 2018, "Which
+    training methods for GANs do actually converge?"; R3GAN, Huang et al. 2024). A double backward, like the gp."""
+    x = x.detach().float().requires_grad_(True)
+    grad, = torch.autograd.grad(D(x).float().sum(), x, create_graph=True)
+    return grad.flatten(1).pow(2).sum(1).mean()
+
+
+def penalty_scale(d_step, every):
+    """Lazy regularization (StyleGAN2): the penalty runs on every `every`-th D step only, weighted by `every`,
+    so its average weight per step stays the same. d_step counts D steps from 0."""
+    return every if d_step % every == 0 else 0
+
+
+def augment(x, fill=-1.0):
+    """DiffAugment (Zhao et al. 2020) for glyphs, drawn independently for each image: a translation by up to 1/8
+    of the side, then a cutout of a square half the side; uncovered and cut pixels become paper (fill, -1 in
+    [-1, 1]). Gathers and masks only, so it is differentiable in x and G learns through it. (N, C, H, W) -> same."""
+    n, c, h, w = x.shape
+    dev = x.device
+    shift = torch.randint(-(h // 8), h // 8 + 1, (2, n, 1, 1), device=dev)  # (dy, dx) per image
+    ys = torch.arange(h, device=dev).view(1, h, 1) - shift[0]  # the source row of every output pixel
+    xs = torch.arange(w, device=dev).view(1, 1, w) - shift[1]
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)  # (N, H, W)
+    idx = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).flatten(1)  # (N, H*W)
+    moved = x.flatten(2).gather(2, idx[:, None].expand(-1, c, -1)).view(n, c, h, w)
+    centre = torch.randint(0, h, (2, n, 1, 1), device=dev)
+    cut = ((torch.arange(h, device=dev).view(1, h, 1) - centre[0]).abs() < h // 4) & \
+        ((torch.arange(w, device=dev).view(1, 1, w) - centre[1]).abs() < w // 4)
+    return torch.where((inside & ~cut)[:, None], moved, torch.full_like(moved, fill))
 
 
 @torch.no_grad()
@@ -266,28 +314,42 @@ class Trainer:
     def autocast(self):
         return data.autocast(self.device, self.cfg["precision"])
 
+    def penalty(self, real, fake, d_step):
+        """The weighted penalty term of the D loss at this D step (0 when off, or skipped by --penalty-every)."""
+        cfg = self.cfg
+        weight = cfg["gp"] if cfg["penalty"] == "gp" else cfg["gamma"] / 2
+        scale = penalty_scale(d_step, cfg["penalty_every"]) * weight
+        if scale == 0:
+            return torch.zeros((), device=self.device)
+        with self.autocast():
+            if cfg["penalty"] == "gp":
+                return scale * gradient_penalty(self.D, real, fake)
+            return scale * (zero_centred_penalty(self.D, real) + zero_centred_penalty(self.D, fake))
+
     def step(self, x):
         """n_critic D steps and one G step on a normalized batch x (N, C, S, S) in [-1, 1] -> losses as floats."""
         cfg, n = self.cfg, x.shape[0]
+        seen = augment if cfg["augment"] else (lambda images: images)  # what D sees of an image
         for i in range(cfg["n_critic"]):
             z = torch.randn(n, cfg["latent_dim"], device=self.device)
             last = i == cfg["n_critic"] - 1  # the last batch of fakes is reused by the G step below
             with torch.set_grad_enabled(last), self.autocast():
                 fake = self.G_fwd(z)
+            real_in, fake_in = seen(x), seen(fake.detach().to(x.dtype))
             with self.autocast():  # one D pass over real and fake together (D has no batch statistics)
-                real_s, fake_s = self.D_fwd(torch.cat([x, fake.detach().to(x.dtype)])).float().split(n)
+                real_s, fake_s = self.D_fwd(torch.cat([real_in, fake_in])).float().split(n)
             loss_d = d_loss(cfg["loss"], real_s, fake_s)
-            with self.autocast():
-                gp = gradient_penalty(self.D, x, fake) if cfg["gp"] > 0 else torch.zeros((), device=self.device)
-            if not torch.isfinite(loss_d + gp):  # leave the weights as they were; the loop stops the run
-                return {"loss_d": (loss_d + gp).item()}
+            penalty = self.penalty(real_in, fake_in, self.step_count * cfg["n_critic"] + i)
+            if not torch.isfinite(loss_d + penalty):  # leave the weights as they were; the loop stops the run
+                return {"loss_d": (loss_d + penalty).item()}
             self.optimizer_d.zero_grad(set_to_none=True)
-            (loss_d + cfg["gp"] * gp).backward()
+            (loss_d + penalty).backward()
             self.optimizer_d.step()
 
         self.D.requires_grad_(False)  # the G step needs D's input gradient only, not its weight gradients
-        with self.autocast():  # the updated D scores the same fakes
-            loss_g = g_loss(cfg["loss"], self.D_fwd(fake).float())
+        with self.autocast():  # the updated D scores the same fakes (and, for rpgan, their paired reals again)
+            real_g = self.D_fwd(seen(x)).float() if cfg["loss"] == "rpgan" else None
+            loss_g = g_loss(cfg["loss"], self.D_fwd(seen(fake)).float(), real_g)
         self.optimizer_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.optimizer_g.step()
@@ -296,8 +358,8 @@ class Trainer:
         if self.ema is not None:  # warm-up: early on the average must not cling to the random init
             ema_update(self.ema, self.G, min(cfg["ema_decay"], (1 + self.step_count) / (10 + self.step_count)))
         self.step_count += 1
-        vals = torch.stack([loss_d, loss_g, gp, real_s.mean(), fake_s.mean()]).tolist()  # one device sync
-        return dict(zip(("loss_d", "loss_g", "gp", "d_real", "d_fake"), vals))
+        vals = torch.stack([loss_d, loss_g, penalty, real_s.mean(), fake_s.mean()]).tolist()  # one device sync
+        return dict(zip(("loss_d", "loss_g", "penalty", "d_real", "d_fake"), vals))
 
     def state_dict(self):
         return {"G": self.G.state_dict(), "D": self.D.state_dict(),
@@ -361,8 +423,8 @@ def main(argv=None):
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v * len(x)
                 img_s = seen / (time.perf_counter() - t0)
-                bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}", gp=f"{losses['gp']:.3f}",
-                                img_s=f"{img_s:.1f}")
+                bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}",
+                                pen=f"{losses['penalty']:.3f}", img_s=f"{img_s:.1f}")
                 bar.update()
                 if trainer.step_count % cfg["log_every"] == 0:
                     log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,

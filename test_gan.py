@@ -80,6 +80,59 @@ def test_bce_loss():
     assert gan.g_loss("bce", FAKE).item() == pytest.approx(g)
 
 
+def test_relativistic_pairing_loss():
+    """rpgan pairs image i of the real batch with image i of the fakes: D -log sigmoid(r - f), G -log sigmoid(f - r)."""
+    d = sum(softplus(f - r) for r, f in zip(REAL.tolist(), FAKE.tolist())) / 3
+    g = sum(softplus(r - f) for r, f in zip(REAL.tolist(), FAKE.tolist())) / 3
+    assert gan.d_loss("rpgan", REAL, FAKE).item() == pytest.approx(d)  # (softplus(-4) + softplus(-0.5) + softplus(2.5)) / 3
+    assert gan.g_loss("rpgan", FAKE, REAL).item() == pytest.approx(g)
+
+
+def test_r1_r2_for_critics_with_known_input_gradients():
+    """R1/R2 = E ||grad_x D(x)||^2: |w|^2 for a linear critic, E ||x||^2 for D(x) = ||x||^2 / 2 (gradient x)."""
+    x = batch(6, 8)
+    w = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    assert gan.zero_centred_penalty(linear_critic(w), x).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+    quadratic = lambda v: 0.5 * v.flatten(1).pow(2).sum(1)
+    want = sum(img.pow(2).sum().item() for img in x) / 6
+    assert gan.zero_centred_penalty(quadratic, x).item() == pytest.approx(want, rel=1e-5)
+    # the penalty's own gradient reaches the critic's weights (double backward)
+    lin = torch.nn.Linear(64, 1)
+    pen = gan.zero_centred_penalty(lambda v: lin(v.flatten(1)).squeeze(1), x)
+    pen.backward()
+    torch.testing.assert_close(lin.weight.grad, 2 * lin.weight.detach())  # d|w|^2/dw = 2w
+
+
+def test_lazy_penalty_is_every_kth_d_step_weighted_by_k():
+    assert [gan.penalty_scale(s, 1) for s in range(4)] == [1, 1, 1, 1]
+    assert [gan.penalty_scale(s, 4) for s in range(9)] == [4, 0, 0, 0, 4, 0, 0, 0, 4]
+    torch.manual_seed(0)
+    tr = gan.Trainer(tiny_cfg("--penalty", "r1r2", "--gamma", "2", "--penalty-every", "3"), "cpu")
+    logged = [tr.step(batch())["penalty"] for _ in range(4)]
+    assert logged[0] > 0 and logged[3] > 0 and logged[1] == logged[2] == 0
+    # the term at a lazy step is 3 * gamma / 2 * (R1 + R2) of what D saw, with D's weights before that step
+    D = copy.deepcopy(tr.D)
+    real, fake = batch(), tr.G(torch.randn(16, 128)).detach()
+    want = 3 * 2 / 2 * (gan.zero_centred_penalty(D, real) + gan.zero_centred_penalty(D, fake))
+    assert tr.penalty(real, fake, d_step=6).item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_augment_is_differentiable_drawn_per_image_and_off_by_default(monkeypatch):
+    x = batch(8, 32)[:1].expand(8, -1, -1, -1).clone().requires_grad_(True)  # 8 copies of one image
+    torch.manual_seed(0)
+    y = gan.augment(x)
+    assert y.shape == x.shape and len({tuple(img.flatten().tolist()) for img in y}) == 8  # each image its own draw
+    assert (y == -1).float().mean() > (x == -1).float().mean()  # paper where it was shifted in or cut out
+    y.sum().backward()
+    assert x.grad is not None and 0 < x.grad.sum() < x.numel()  # gradient flows to the pixels that were kept
+    calls = []
+    monkeypatch.setattr(gan, "augment", lambda images: calls.append(1) or images)
+    gan.Trainer(tiny_cfg(), "cpu").step(batch())
+    assert calls == []
+    gan.Trainer(tiny_cfg("--augment"), "cpu").step(batch())
+    assert len(calls) == 3  # the real and the fake batch of the D step, the fakes of the G step
+
+
 def linear_critic(w):
     return lambda x: x.flatten(1) @ w + 0.3
 
