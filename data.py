@@ -301,7 +301,7 @@ def _free_memory(device):
 # the run settings: on --resume these may differ from the checkpoint's config (given on the command line, they
 # win); everything else (data, architecture, optimizer, seed) is what the run is made of and stays
 RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", "resume", "sample_every",
-            "log_every", "dry_run", "data_dir")
+            "log_every", "eval_every", "dry_run", "data_dir")
 
 
 def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True):
@@ -346,6 +346,10 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True):
                    help="save a sample grid every N epochs (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=50,
                    help="write a metrics.jsonl row every N steps (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="every N epochs, FID and KID of min(1000, dataset size) samples against the dataset, in "
+                        "evaluate.py's kanji feature space (kanji and glyph folders only), into metrics.jsonl and "
+                        "curves.png; 0 = off (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")
     return parser
 
@@ -541,6 +545,32 @@ class MetricsLog:
     def write(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+
+
+def plot_curves(metrics_path, png_path):
+    """curves.png from metrics.jsonl: the losses, images/s and (with --eval-every) FID against the step."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    steps = [r for r in rows if r["row"] == "step"]
+    evals = [r for r in rows if r["row"] == "eval"]
+    losses = sorted({k for r in steps for k in r if k.startswith("loss") or k in ("recon", "kl", "penalty")})
+    panels = [("loss", losses, steps), ("images/s", ["img_per_s"], steps)] + [("FID", ["fid"], evals)] * bool(evals)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys, source) in zip(axes[0], panels):
+        for k in keys:
+            ax.plot([r["step"] for r in source if k in r], [r[k] for r in source if k in r], label=k,
+                    marker="o" if source is evals else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
 
 
 def write_config(run_dir, config):

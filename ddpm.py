@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import evaluate
 
 KIND = "ddpm"
 NORM = "11"  # images in [-1, 1], the scale the noise schedule assumes
@@ -403,6 +404,9 @@ def main(argv=None):
     n_params = sum(p.numel() for p in trainer.net.parameters())
     print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
           f"{device}, bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
+    if cfg["eval_every"] and not ds.display_invert:
+        raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
+    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] else None  # FID's real side
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
@@ -442,6 +446,12 @@ def main(argv=None):
                 data.save_grid(sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device,
                                       steps=cfg["sample_steps"]),
                                os.path.join(out, f"samples_epoch{epoch:03d}.png"), cfg["display_invert"])
+            if cfg["eval_every"] and epoch % cfg["eval_every"] == 0:
+                n = min(1000, len(ds.images))  # samples the FID is measured on
+                fake = sample(trainer.sample_net, cfg, n, seed=cfg["seed"] + 1, device=device,
+                              steps=cfg["sample_steps"])
+                log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
+            data.plot_curves(log.path, os.path.join(out, "curves.png"))
             save()
     print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 

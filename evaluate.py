@@ -514,7 +514,8 @@ def write_record(path, m, sampler):
     """Put the figures into a slim file's record, so that `sample.py info` and the window show them."""
     ckpt = data.load_checkpoint(path)
     if not ckpt.get("slim"):
-        raise data.GanjiError(f"--record writes into slim files only; make one with: python sample.py export {path} OUT")
+        raise data.GanjiError(f"--record writes into slim files only; make one with: "
+                              f"python sample.py export {path} OUT")
     keys = ("n", "fid", "kid", "precision", "recall", "near_copy_rate", "gray_share", "reference_gray_share")
     ckpt["record"]["evaluate"] = {**{k: m[k] for k in keys},
                                   "sampler": sampler, "date": time.strftime("%Y-%m-%d")}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import evaluate
 
 KIND = "gan"
 NORM = "11"  # images in [-1, 1], the range of the generator's tanh
@@ -48,7 +49,8 @@ def get_parser():
                         "R3GAN (default: %(default)s)")
     g.add_argument("--penalty", default="gp", choices=("gp", "r1r2"),
                    help="gp: the one-centred (||grad D|| - 1)^2 on real-fake interpolates (WGAN-GP, the original "
-                        "GANji's); r1r2: zero-centred ||grad D||^2 on reals (R1) and on fakes (R2) (default: %(default)s)")
+                        "GANji's); r1r2: zero-centred ||grad D||^2 on reals (R1) and on fakes (R2) "
+                        "(default: %(default)s)")
     g.add_argument("--gp", type=float, default=10.0,
                    help="weight of --penalty gp; 0 = off (default: %(default)s)")
     g.add_argument("--gamma", type=float, default=1.0,
@@ -403,6 +405,9 @@ def main(argv=None):
     print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
           f"{tuple(ds.images.shape[1:])}, {device}, bf16 {data.use_bf16(device, cfg['precision'])}, "
           f"epoch {epoch}/{epochs}, run folder {out}")
+    if cfg["eval_every"] and not ds.display_invert:
+        raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
+    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] else None  # FID's real side
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
@@ -439,11 +444,16 @@ def main(argv=None):
             if seen:
                 log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
                           img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr, lr_d=cfg["lr_d"])
-                print(f"epoch {epoch}/{epochs}: loss_d {sums['loss_d'] / seen:.3f}, loss_g {sums['loss_g'] / seen:.3f}, "
-                      f"step {trainer.step_count}")
+                print(f"epoch {epoch}/{epochs}: loss_d {sums['loss_d'] / seen:.3f}, "
+                      f"loss_g {sums['loss_g'] / seen:.3f}, step {trainer.step_count}")
             if epoch % cfg["sample_every"] == 0 or epoch == epochs:  # the same fixed latents every time
                 data.save_grid(sample(trainer.sample_net, cfg, 64, seed=cfg["seed"], device=device),
                                os.path.join(out, f"samples_epoch{epoch:03d}.png"), cfg["display_invert"])
+            if cfg["eval_every"] and epoch % cfg["eval_every"] == 0:
+                n = min(1000, len(ds.images))  # samples the FID is measured on
+                fake = sample(trainer.sample_net, cfg, n, seed=cfg["seed"] + 1, device=device)
+                log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
+            data.plot_curves(log.path, os.path.join(out, "curves.png"))
             save()
     print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 

@@ -98,7 +98,8 @@ def get_parser():
     p.add_argument("kind", nargs="?", default="ddpm", choices=("vae", "gan", "ddpm", "auto"),
                    help="model kind; auto reads it from the file (default: %(default)s)")
     p.add_argument("ckpt", nargs="?", default=os.path.join(PRETRAINED, "ddpm_kanji.pt"),
-                   help="a ckpt.pt written by vae.py, gan.py or ddpm.py, or a slim file (default: pretrained/ddpm_kanji.pt)")
+                   help="a ckpt.pt written by vae.py, gan.py or ddpm.py, or a slim file "
+                        "(default: pretrained/ddpm_kanji.pt)")
     p.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
     p.add_argument("--nrow", type=int, default=4, help="images per grid row (default: %(default)s)")
     p.add_argument("--out", default=None,

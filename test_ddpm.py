@@ -164,7 +164,8 @@ def test_ddim_eta1_consecutive_is_the_ancestral_step():
 
 
 def test_min_snr_weights_at_known_snrs():
-    """SNR 1, 9 and 1/9 (ab = 0.5, 0.9, 0.1), gamma 5: eps weights min(SNR, 5) / SNR, v weights min(SNR, 5) / (SNR + 1)."""
+    """SNR 1, 9 and 1/9 (ab = 0.5, 0.9, 0.1), gamma 5: eps weights min(SNR, 5) / SNR, v weights
+    min(SNR, 5) / (SNR + 1)."""
     ab = torch.tensor([0.5, 0.9, 0.1], dtype=torch.float64)
     torch.testing.assert_close(ddpm.loss_weight(ab, "eps", "min-snr", 5.0), torch.tensor([1.0, 5 / 9, 1.0]).double())
     torch.testing.assert_close(ddpm.loss_weight(ab, "v", "min-snr", 5.0), torch.tensor([0.5, 0.5, 0.1]).double())

@@ -84,7 +84,7 @@ def test_relativistic_pairing_loss():
     """rpgan pairs image i of the real batch with image i of the fakes: D -log sigmoid(r - f), G -log sigmoid(f - r)."""
     d = sum(softplus(f - r) for r, f in zip(REAL.tolist(), FAKE.tolist())) / 3
     g = sum(softplus(r - f) for r, f in zip(REAL.tolist(), FAKE.tolist())) / 3
-    assert gan.d_loss("rpgan", REAL, FAKE).item() == pytest.approx(d)  # (softplus(-4) + softplus(-0.5) + softplus(2.5)) / 3
+    assert gan.d_loss("rpgan", REAL, FAKE).item() == pytest.approx(d)
     assert gan.g_loss("rpgan", FAKE, REAL).item() == pytest.approx(g)
 
 

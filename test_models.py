@@ -49,7 +49,8 @@ def test_ctrl_c_inside_a_step_then_resume_is_exact(kind, at_step, data_dir, unin
     for key in a:
         if key not in ("config", "train_seconds"):
             assert states_equal(a[key], b[key]), key
-    assert (uninterrupted[kind] / "samples_epoch002.png").read_bytes() == (tmp_path / "samples_epoch002.png").read_bytes()
+    grid = "samples_epoch002.png"
+    assert (uninterrupted[kind] / grid).read_bytes() == (tmp_path / grid).read_bytes()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,3 +140,19 @@ def test_precision_auto_is_bf16_only_where_native():
     assert data.use_bf16(cpu, "auto") is torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert data.use_bf16(cpu, "bf16") and not data.use_bf16(cpu, "fp32")
     assert not data.use_bf16(torch.device("mps"), "bf16")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_every_writes_fid_rows_and_draws_curves(kind, data_dir, tmp_path):
+    from PIL import Image
+    mod = importlib.import_module(kind)
+    fast = ["--sample-steps", "3"] if kind == "ddpm" else []
+    mod.main(tiny_args(data_dir, tmp_path, "--epochs", "2", "--eval-every", "1", "--sample-every", "5", *fast))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["row"] == "eval"]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(1, 4), (2, 8)]
+    assert all(r["fid"] > 0 and r["kid_std"] >= 0 and "kid" in r for r in evals)
+    with Image.open(tmp_path / "curves.png") as im:  # a real picture: three panels of lines on white
+        assert im.format == "PNG" and im.width > 2 * im.height
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 20

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import evaluate
 
 KIND = "vae"
 NORM = "01"
@@ -224,6 +225,9 @@ def main(argv=None):
           f"{device}, bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
     # a fixed spread of 32 dataset images for the reconstruction grid
     fixed = data.normalize(ds.images[torch.linspace(0, len(ds.images) - 1, min(32, len(ds.images))).long()], NORM)
+    if cfg["eval_every"] and not ds.display_invert:
+        raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
+    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] else None  # FID's real side
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
@@ -261,6 +265,11 @@ def main(argv=None):
                 print(f"epoch {epoch}/{epochs}: loss {sums['loss'] / seen:.2f}, step {trainer.step_count}")
             if epoch % cfg["sample_every"] == 0 or epoch == epochs:
                 save_grids(trainer.sample_net, cfg, fixed, device, epoch)
+            if cfg["eval_every"] and epoch % cfg["eval_every"] == 0:
+                n = min(1000, len(ds.images))  # samples the FID is measured on
+                fake = sample(trainer.sample_net, cfg, n, seed=cfg["seed"] + 1, device=device)
+                log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
+            data.plot_curves(log.path, os.path.join(out, "curves.png"))
             save()
     print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 
