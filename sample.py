@@ -84,8 +84,9 @@ def describe(path):
     lines += [f"command: {c}" for c in r["commands"]]
     e = r["evaluate"]
     lines.append("evaluate.py: not measured yet" if e is None else
-                 f"evaluate.py (n {e['n']}, {e['sampler']}): FID {e['fid']:.1f}, precision {e['precision']:.2f}, "
-                 f"recall {e['recall']:.2f}, near copies {e['near_copy_rate']:.1%}, {e['date']}")
+                 f"evaluate.py (n {e['n']}{', ' + e['sampler'] if e['sampler'] else ''}): FID {e['fid']:.1f}, "
+                 f"precision {e['precision']:.2f}, recall {e['recall']:.2f}, near copies {e['near_copy_rate']:.1%}, "
+                 f"gray share {e['gray_share']:.3f} (reals {e['reference_gray_share']:.3f}), {e['date']}")
     return "\n".join(lines)
 
 
