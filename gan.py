@@ -9,8 +9,10 @@ Generator: z (latent_dim) -> linear -> 512 x S/16 x S/16 -> 4 residual up blocks
 BatchNorm) -> BN, ReLU, conv3x3, tanh -> image in [-1, 1].
 Discriminator: 4 residual down blocks (128 -> 512 channels, no normalization, so that each score depends on
 its own image only, as the gradient penalty assumes) -> ReLU, global average pool -> linear -> one score.
-Losses: hinge (default), wasserstein or non-saturating bce, plus --gp * E[(||grad_x D(x_hat)|| - 1)^2] on
-x_hat = a * real + (1 - a) * fake with one a ~ U(0, 1) per image. Samples come from an EMA copy of G.
+Losses: hinge (default), wasserstein, non-saturating bce or the relativistic pairing loss (rpgan), plus a
+penalty: --gp * E[(||grad_x D(x_hat)|| - 1)^2] on x_hat = a * real + (1 - a) * fake with one a ~ U(0, 1) per
+image (default), or --gamma / 2 * (R1 + R2), the zero-centred ||grad_x D||^2 on reals and fakes. --augment
+shows D every image translated and cut out (DiffAugment). Samples come from an EMA copy of G.
 
 The file reads top to bottom like the other two scripts: parse -> data -> model -> step -> loop ->
 checkpoint -> sampling API.
@@ -201,7 +203,7 @@ def layout(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses, gradient penalty, EMA (module level so the tests check them on fixed numbers)
+# Model, part 2: losses, penalties, augmentation, EMA (module level so the tests check them on fixed numbers)
 
 def d_loss(loss, real, fake):
     """Discriminator loss from its scores (N,) on real and on fake images, averaged over the batch."""
