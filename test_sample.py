@@ -193,7 +193,7 @@ def test_export_round_trip_samples_like_the_full_checkpoint(ckpts, kind, tmp_pat
 
 
 @pytest.mark.parametrize("kind", data.KINDS)
-def test_pretrained_files_load_sample_and_carry_their_record(kind):
+def test_pretrained_files_load_sample_and_carry_their_record(kind, tmp_path):
     path = PRETRAINED[kind]
     assert os.path.getsize(path) <= 5_000_000
     ck = data.load_checkpoint(path, kind)
@@ -207,6 +207,11 @@ def test_pretrained_files_load_sample_and_carry_their_record(kind):
     net, cfg = mod.load(path)
     x = mod.sample(net, cfg, 4, seed=0, **({"sampler": "dpm++2m", "steps": 5} if kind == "ddpm" else {}))
     assert x.shape == (4, 1, 64, 64) and 0 <= x.min() and x.max() <= 1 and x.std() > 0.05
+    grid = str(tmp_path / "g.png")
+    res = run_cli("sample.py", "auto", path, "--n", "64", "--nrow", "8", "--steps", "4", "--out", grid)
+    assert res.returncode == 0, res.stderr
+    from PIL import Image
+    assert Image.open(grid).size == (8 * 66 + 2,) * 2  # 8x8 grid of 64 px, 2 px padding
 
 
 def test_sample_py_with_no_arguments_draws_from_the_pretrained_ddpm(tmp_path):
