@@ -123,7 +123,7 @@ def test_cli_dry_run_writes_the_run_folder(kind, data_dir, tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error:") and res.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("kind,default", [("vae", False), ("gan", True), ("ddpm", True)])
+@pytest.mark.parametrize("kind,default", [("vae", True), ("gan", True), ("ddpm", True)])
 def test_channels_last_flag_sets_the_layout(kind, default, data_dir):
     """Every script honours --channels-last / --no-channels-last; the default is the faster layout on a CPU."""
     mod = importlib.import_module(kind)
