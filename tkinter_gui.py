@@ -19,7 +19,7 @@ import data
 import sample
 
 # the window's default sampler: 4x4 grids in about a second from the pretrained width-0.25 DDPM on a 2-core CPU
-SAMPLER, STEPS = "dpm++2m", 10
+SAMPLER, STEPS = "dpm++2m", 8
 
 
 def find_checkpoints(*folders):
@@ -94,6 +94,19 @@ class App:
         root.rowconfigure(0, weight=1)
         self.refresh()
         root.after(50, self.poll)
+        if self.paths:  # load the selected model and warm its kernels up while the user looks at the window
+            threading.Thread(target=self.preload, args=(self.paths[self.listbox.curselection()[0]],),
+                             daemon=True).start()
+
+    def preload(self, path):
+        """Load a model, run one step on a grid's worth of images and draw it (importing torchvision's grid code
+        takes seconds): the first "Generate Kanji" is then as fast as the next."""
+        try:
+            self.models[path] = mod, net, cfg = sample.load_any("auto", path, self.device)
+            self.to_png(sample.generate(mod, net, cfg, 16, 4, 0, self.device, sampler=SAMPLER, steps=1),
+                        cfg["display_invert"])
+        except Exception:
+            pass  # a broken file says so when the user generates from it
 
     # -- checkpoint list
     def refresh(self):
