@@ -94,7 +94,7 @@ def test_kl_warmup_ramps_with_the_step(data_dir, tmp_path):
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert all(r["img_per_s"] > 0 and r["lr"] == 1e-3 and r["loss"] > r["recon"] > 0 for r in epochs)
     assert sorted(os.listdir(tmp_path)) == [
-        "ckpt.pt", "config.json", "metrics.jsonl", "recon_epoch001.png", "recon_epoch002.png",
+        "ckpt.pt", "config.json", "curves.png", "metrics.jsonl", "recon_epoch001.png", "recon_epoch002.png",
         "samples_epoch001.png", "samples_epoch002.png"]
 
 
