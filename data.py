@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 KANJI_RANGE = (0x4E00, 0x9FFF)  # CJK Unified Ideographs
@@ -260,24 +262,28 @@ class Batches:
 
     The order of epoch e depends only on (seed, e), so a resumed run sees the same batches;
     `start` skips batches already done in an interrupted epoch. The last batch may be smaller.
+    Under torchrun (world > 1) every rank draws the same order and yields its equal share of each global batch of
+    batch_size images, so N processes see the batches one process sees; the n mod world images (fewer than world,
+    other ones every epoch) that would not split evenly sit the epoch out.
     """
 
-    def __init__(self, images, batch_size, device, norm, seed=0, hflip=False, channels_last=False):
+    def __init__(self, images, batch_size, device, norm, seed=0, hflip=False, channels_last=False, rank=0, world=1):
         device = torch.device(device)
         fits = device.type == "cpu" or images.numel() < 0.25 * _free_memory(device)
         self.x = images.to(device) if fits else images.pin_memory()
         self.n, self.batch_size, self.device = len(images), batch_size, device
         self.norm, self.seed, self.hflip, self.channels_last = norm, seed, hflip, channels_last
+        self.rank, self.world, self.used = rank, world, len(images) - len(images) % world  # used: a multiple of world
 
     def __len__(self):
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil(self.used / self.batch_size)
 
     def epoch(self, epoch, start=0):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.n, generator=g)
         flips = torch.rand(self.n, generator=g) < 0.5
-        for i in range(start * self.batch_size, self.n, self.batch_size):
-            idx = perm[i:i + self.batch_size]
+        for i in range(start * self.batch_size, self.used, self.batch_size):
+            idx = perm[i:min(i + self.batch_size, self.used)].tensor_split(self.world)[self.rank]  # this rank's share
             x = self.x[idx.to(self.x.device)].to(self.device, non_blocking=True)
             x = normalize(x, self.norm)
             if self.hflip:
@@ -326,7 +332,9 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True):
                    help="random horizontal flips (default: off; a mirrored kanji is not a kanji)")
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="total epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="the global batch: under torchrun each of N processes trains on its 1/N of it, so a run's "
+                        "flags mean the same on 1 or N processes; a multiple of N (default: %(default)s)")
     g.add_argument("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
@@ -443,17 +451,107 @@ def autocast(device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
 
 
-def machine(device):
-    """'AMD EPYC, 2 CPU cores' or the GPU's name: where a run trained, for its record."""
+# ----------------------------------------------------------------------------------------------------
+# Many processes (torchrun, DistributedDataParallel). Each rank trains on its equal share of every global batch;
+# every helper here is a no-op in a plain process, which therefore computes exactly what it did before them.
+
+def distributed(args):
+    """Join the torchrun job this process belongs to, if any -> (rank, world size, device).
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them: (0, 1, pick_device(args.device)) and nothing else.
+    Under torchrun every process trains on its own device, the GPU cuda:LOCAL_RANK with NCCL, or the CPU with gloo.
+    --batch-size stays the global batch; it must split evenly, which is checked before joining (like a bad flag,
+    on every rank alike, so all of them stop with the same line instead of waiting for each other)."""
+    device = pick_device(args.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if args.batch_size % world:
+        raise GanjiError(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the {world} "
+                         "processes")
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise GanjiError(f"torchrun trains on cuda (NCCL) or cpu (gloo), not {device.type}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def world_size():
+    """How many processes train together: 1 without torchrun."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shard(x, dim=0):
+    """This rank's equal share of x along dim, where x is a random draw made for the whole global batch.
+
+    Every rank draws the global batch's numbers with the same RNG state and keeps its own rows: N processes then
+    draw exactly what one process draws for the same batch, and their RNG states stay equal. x itself without
+    torchrun (a draw for n * world_size() == n rows: the very numbers a plain process always drew)."""
+    world = world_size()
+    return x if world == 1 else x.tensor_split(world, dim)[dist.get_rank()]
+
+
+def ddp(module, device):
+    """module wrapped in DistributedDataParallel under torchrun: its backward averages the gradients over the ranks,
+    which, with equal shares, gives the gradient of the global batch's mean loss. module itself without torchrun."""
+    if world_size() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def mean_over_ranks(x):
+    """The mean of tensor x over the ranks, the same on every rank; x itself without torchrun. For a step's
+    losses (batch means over equal shares) it is the global batch's mean, and a non-finite loss on any rank makes it
+    non-finite on all of them, so all ranks stop at the same step."""
+    world = world_size()
+    if world == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)  # sum
+    return x / world
+
+
+def average_gradients(params):
+    """Average the .grad of params over the ranks in one all_reduce (a no-op without torchrun). For a network that
+    DistributedDataParallel cannot wrap: the GAN's D, whose penalty takes a double backward."""
+    world = world_size()
+    if world == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view(g.shape) / world)
+
+
+def exit_all(status):
+    """sys.exit(status) on every rank together. Without torchrun exactly sys.exit(status). Under torchrun a message
+    (a str status) is printed by rank 0 alone, and every rank waits until all are here (rank 0 has printed and
+    saved) before leaving, with exit status 1 for a message: torchrun ends the others as soon as one fails."""
+    if world_size() == 1:
+        sys.exit(status)
+    if isinstance(status, str):
+        if dist.get_rank() == 0:
+            print(status, file=sys.stderr)
+        status = 1
+    dist.barrier()
+    sys.exit(status)
+
+
+def machine(device):
+    """'AMD EPYC, 2 CPU cores' or the GPU's name, after '8 x ' under torchrun: where a run trained, for its record."""
+    world = f"{world_size()} x " if world_size() > 1 else ""
+    if device.type == "cuda":
+        return world + torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         import platform
         name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} CPU cores" + (" (mps)" if device.type == "mps" else "")
+    return f"{world}{name}, {os.cpu_count()} CPU cores" + (" (mps)" if device.type == "mps" else "")
 
 
 def atomic_save(obj, path):
@@ -498,21 +596,37 @@ def set_rng_state(state):
 
 
 class CtrlC:
-    """`with CtrlC() as stop:` a first Ctrl-C only sets stop.requested, so the loop finishes the step under way
-    and saves whole steps (--resume is then exact); a second one raises KeyboardInterrupt (quit, no save).
-    Signals reach only the main thread: elsewhere it changes nothing."""
+    """`with CtrlC() as stop:` a first Ctrl-C only marks the stop as asked for: the loop, which calls
+    stop.requested() between steps, finishes the step under way and saves whole steps (--resume is then exact);
+    a second one raises KeyboardInterrupt (quit, no save). Signals reach only the main thread: elsewhere it
+    changes nothing.
+
+    Under torchrun, torchrun hands one Ctrl-C to every rank, and not always between the same two steps:
+    requested() is an all_reduce of the flag over the ranks (until it is True, then it stays True), so every rank
+    answers the same at the same step and all stop together. Only rank 0 prints."""
 
     def __enter__(self):
-        self.requested, self.previous = False, None
+        self.pressed, self.agreed, self.previous = False, False, None
+        self.loud = world_size() == 1 or dist.get_rank() == 0
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self.on_sigint)
         return self
 
     def on_sigint(self, signum, frame):
-        if self.requested:
+        if self.pressed:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (again to quit without saving)", file=sys.stderr)
+        self.pressed = True
+        if self.loud:
+            print("\nCtrl-C: stopping after this step (again to quit without saving)", file=sys.stderr)
+
+    def requested(self):
+        """Whether to stop now: a Ctrl-C reached this process (under torchrun: any rank). All ranks call it alike."""
+        if world_size() == 1:
+            return self.pressed
+        if not self.agreed:  # one tiny all_reduce per step, until some rank has had its Ctrl-C
+            flag = torch.tensor(float(self.pressed), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            self.agreed = mean_over_ranks(flag).item() > 0
+        return self.agreed
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -591,7 +705,8 @@ def save_grid(x01, path, display_invert, nrow=8):
 
 
 def cli(main):
-    """Run main(); bad input becomes one line on stderr and exit code 2, a second Ctrl-C exit code 130."""
+    """Run main(); bad input becomes one line on stderr and exit code 2, a second Ctrl-C exit code 130.
+    Under torchrun the process leaves its process group on every way out."""
     try:
         return main()
     except GanjiError as e:
@@ -600,6 +715,9 @@ def cli(main):
     except KeyboardInterrupt:
         print("\nstopped without saving", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv=None):

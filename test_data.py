@@ -177,6 +177,24 @@ def test_epoch_covers_every_image_once_and_is_seeded():
     assert torch.equal(rest, seen[32:])
 
 
+def test_ranks_share_each_global_batch():
+    """Under torchrun rank r of `world` yields its equal, disjoint share of each batch one process yields; the
+    n mod world leftover images (here 1 of 51) sit the epoch out."""
+    images = torch.arange(51, dtype=torch.uint8).view(51, 1, 1, 1)
+    ids = lambda batches: [(x[:, 0, 0, 0] * 255).round().long() for x in batches]
+    for epoch in (0, 1):
+        one = ids(data.Batches(images, 16, "cpu", "01", seed=3).epoch(epoch))
+        ranks = [ids(data.Batches(images, 16, "cpu", "01", seed=3, rank=r, world=2).epoch(epoch)) for r in (0, 1)]
+        assert [len(x) for x in ranks[0]] == [len(x) for x in ranks[1]] == [8, 8, 8, 1]
+        together = [torch.cat(pair) for pair in zip(*ranks)]
+        assert all(torch.equal(a, b) for a, b in zip(together[:3], one[:3]))  # the same batches, the same order
+        assert len(one[-1]) == 3 and torch.equal(together[-1], one[-1][:2])  # the last one without its odd image
+    rank1 = data.Batches(images, 16, "cpu", "01", seed=3, rank=1, world=2)
+    assert len(rank1) == 4
+    rest, whole = ids(rank1.epoch(0, start=2)), ids(rank1.epoch(0))
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, whole[2:]))  # resume skips global batches
+
+
 def test_hflip_only_when_asked():
     images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
     images[..., 0] = 255  # ink in the left column only

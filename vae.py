@@ -237,7 +237,7 @@ def main(argv=None):
             sums, seen, t0 = {}, 0, time.perf_counter()
             bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
             for x in batches.epoch(epoch, start=batch):
-                if batch >= per_epoch or stop.requested:
+                if batch >= per_epoch or stop.requested():
                     break
                 losses = trainer.step(x)
                 if not math.isfinite(losses["loss"]):
@@ -254,7 +254,7 @@ def main(argv=None):
                     log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
                               lr=trainer.lr)
             bar.close()
-            if stop.requested:
+            if stop.requested():
                 save()
                 print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
                       file=sys.stderr)
