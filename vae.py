@@ -126,9 +126,11 @@ class VAE(nn.Module):
         return self.dec_out(self.dec(h))
 
     def forward(self, x):
-        """Training pass: logits of a reconstruction from z ~ q(z|x) (reparameterized), mu, logvar."""
+        """Training pass: logits of a reconstruction from z ~ q(z|x) (reparameterized), mu, logvar.
+        Under torchrun eps is this rank's rows of a draw for the global batch (data.shard)."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        eps = data.shard(torch.randn(len(mu) * data.world_size(), mu.shape[1], device=mu.device))  # (N, latent_dim)
+        z = mu + eps * (0.5 * logvar).exp()
         return self.decode(z), mu, logvar
 
 
@@ -160,7 +162,7 @@ class Trainer:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
         self.net = build(cfg).to(self.device, memory_format=layout(cfg))
-        self.net_fwd = torch.compile(self.net) if cfg["compile"] else self.net
+        self.net_fwd = data.ddp(torch.compile(self.net) if cfg["compile"] else self.net, self.device)
         self.ema = None  # no EMA for the VAE: it samples with the trained weights
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
         self.step_count, self.lr = 0, cfg["lr"]
@@ -180,13 +182,14 @@ class Trainer:
         with data.autocast(self.device, self.cfg["precision"]):
             logits, mu, logvar = self.net_fwd(x)
         loss, recon, kl = vae_loss(logits.float(), x.float(), mu, logvar, kl_weight)  # fp32 loss
-        if not torch.isfinite(loss):  # leave the weights as they were; the loop stops the run
-            return {"loss": loss.item()}
+        means = data.mean_over_ranks(torch.stack([loss, recon, kl]).detach())  # the global batch's (all ranks alike)
+        if not torch.isfinite(means[0]):  # leave the weights as they were; the loop stops the run
+            return {"loss": means[0].item()}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under torchrun DDP averages the gradients: those of the global batch's mean loss
         self.optimizer.step()
         self.step_count += 1
-        loss, recon, kl = torch.stack([loss, recon, kl]).tolist()  # one device sync
+        loss, recon, kl = means.tolist()  # one device sync
         return {"loss": loss, "recon": recon, "kl": kl, "kl_weight": kl_weight}
 
     def state_dict(self):
@@ -204,8 +207,8 @@ class Trainer:
 
 def main(argv=None):
     args, ckpt = data.open_run(get_parser(), argv, KIND)
-    device = data.pick_device(args.device)
-    ds = data.data_from_args(args)
+    rank, world, device = data.distributed(args)  # (0, 1, the --device) without torchrun
+    ds = data.data_from_args(args, progress=rank == 0)
     cfg = config_from_args(args, ds)
     torch.manual_seed(cfg["seed"])  # weight init
     trainer = Trainer(cfg, device)
@@ -215,51 +218,59 @@ def main(argv=None):
         epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
         data.set_rng_state(ckpt["rng"])
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
-    os.makedirs(out, exist_ok=True)
-    data.write_config(out, cfg)
+    if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
+        os.makedirs(out, exist_ok=True)
+        data.write_config(out, cfg)
     log = data.MetricsLog(out)
     batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
-                           cfg["channels_last"])
+                           cfg["channels_last"], rank, world)  # this rank's share of each global batch
     epochs, per_epoch = (1, min(2, len(batches))) if cfg["dry_run"] else (cfg["epochs"], len(batches))
     n_params = sum(p.numel() for p in trainer.net.parameters())
-    print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
-          f"{device}, bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
+    if rank == 0:
+        print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
+              f"{device}{f' x {world} processes' if world > 1 else ''}, "
+              f"bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
     # a fixed spread of 32 dataset images for the reconstruction grid
     fixed = data.normalize(ds.images[torch.linspace(0, len(ds.images) - 1, min(32, len(ds.images))).long()], NORM)
     if cfg["eval_every"] and not ds.display_invert:
         raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
-    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] else None  # FID's real side
+    # FID's real side, on rank 0, which alone evaluates
+    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] and rank == 0 else None
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
     with data.CtrlC() as stop:
         while epoch < epochs:
             sums, seen, t0 = {}, 0, time.perf_counter()
-            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=rank > 0)
             for x in batches.epoch(epoch, start=batch):
                 if batch >= per_epoch or stop.requested():
                     break
-                losses = trainer.step(x)
+                losses = trainer.step(x)  # under torchrun: the global batch's, on every rank
                 if not math.isfinite(losses["loss"]):
                     bar.close()
-                    sys.exit(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1} step "
-                             f"{trainer.step_count + 1}; stopped, {ckpt_path} keeps the last good state")
-                batch, seen = batch + 1, seen + len(x)
+                    data.exit_all(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1} step "
+                                  f"{trainer.step_count + 1}; stopped, {ckpt_path} keeps the last good state")
+                batch, seen = batch + 1, seen + len(x) * world  # images of the global batch
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                    sums[k] = sums.get(k, 0.0) + v * len(x) * world
                 img_s = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{losses['loss']:.1f}", kl=f"{losses['kl']:.1f}", img_s=f"{img_s:.1f}")
                 bar.update()
-                if trainer.step_count % cfg["log_every"] == 0:
+                if trainer.step_count % cfg["log_every"] == 0 and rank == 0:
                     log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
                               lr=trainer.lr)
             bar.close()
             if stop.requested():
-                save()
-                print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
-                      file=sys.stderr)
-                sys.exit(130)
+                if rank == 0:
+                    save()
+                    print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with "
+                          "--resume", file=sys.stderr)
+                data.exit_all(130)
             epoch, batch = epoch + 1, 0
+            if rank > 0:
+                continue  # the others train on while rank 0 logs, draws, evaluates and saves
             if seen:
                 log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
                           img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr)
@@ -272,7 +283,8 @@ def main(argv=None):
                 log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
             data.plot_curves(log.path, os.path.join(out, "curves.png"))
             save()
-    print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
+    if rank == 0:
+        print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 
 
 def save_grids(net, cfg, fixed, device, epoch):
