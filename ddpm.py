@@ -324,7 +324,7 @@ class Trainer:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
         self.net = build(cfg).to(self.device, memory_format=layout(cfg))
-        self.net_fwd = torch.compile(self.net) if cfg["compile"] else self.net
+        self.net_fwd = data.ddp(torch.compile(self.net) if cfg["compile"] else self.net, self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if cfg["ema_decay"] > 0 else None
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.alpha_bar = schedule(cfg["timesteps"], cfg["schedule"])["alpha_bar"].float().to(self.device)
@@ -340,8 +340,11 @@ class Trainer:
         self.lr = lr_at(self.step_count, cfg["total_steps"], cfg["lr"], cfg["warmup"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        t = torch.randint(0, cfg["timesteps"], (len(x),), device=x.device)
-        eps = torch.randn_like(x)
+        # t and the noise are drawn for the global batch of n images and sliced to this rank's rows (data.shard); the
+        # noise in x's memory layout, as torch.randn_like(x) draws it: one process draws the numbers it always drew
+        n = len(x) * data.world_size()
+        t = data.shard(torch.randint(0, cfg["timesteps"], (n,), device=x.device))
+        eps = data.shard(torch.empty(n, *x.shape[1:], device=x.device, memory_format=layout(cfg)).normal_())
         xt = q_sample(x, t, eps, self.alpha_bar)
         with data.autocast(self.device, cfg["precision"]):
             out = self.net_fwd(xt, t)
@@ -349,16 +352,17 @@ class Trainer:
         target = eps if cfg["pred"] == "eps" else v_target(x, eps, ab.view(-1, 1, 1, 1))
         weight = loss_weight(ab, cfg["pred"], cfg["loss_weight"], cfg["snr_gamma"])
         loss = (weight * (out.float() - target).pow(2).mean((1, 2, 3))).mean()  # uniform: plain MSE
-        if not torch.isfinite(loss):  # leave the weights as they were; the loop stops the run
-            return {"loss": loss.item()}
+        mean_loss = data.mean_over_ranks(loss.detach())  # the global batch's (all ranks alike)
+        if not torch.isfinite(mean_loss):  # leave the weights as they were; the loop stops the run
+            return {"loss": mean_loss.item()}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under torchrun DDP averages the gradients: those of the global batch's mean loss
         grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), cfg["clip"] or float("inf"))
         self.optimizer.step()
         if self.ema is not None:  # warm-up: early on the average must not cling to the random init
             ema_update(self.ema, self.net, min(cfg["ema_decay"], (1 + self.step_count) / (10 + self.step_count)))
         self.step_count += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        return {"loss": mean_loss.item(), "grad_norm": grad_norm.item()}
 
     def state_dict(self):
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -384,8 +388,8 @@ def ema_update(ema, net, decay):
 
 def main(argv=None):
     args, ckpt = data.open_run(get_parser(), argv, KIND)
-    device = data.pick_device(args.device)
-    ds = data.data_from_args(args)
+    rank, world, device = data.distributed(args)  # (0, 1, the --device) without torchrun
+    ds = data.data_from_args(args, progress=rank == 0)
     cfg = config_from_args(args, ds)
     torch.manual_seed(cfg["seed"])  # weight init
     trainer = Trainer(cfg, device)
@@ -395,49 +399,57 @@ def main(argv=None):
         epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
         data.set_rng_state(ckpt["rng"])
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
-    os.makedirs(out, exist_ok=True)
-    data.write_config(out, cfg)
+    if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
+        os.makedirs(out, exist_ok=True)
+        data.write_config(out, cfg)
     log = data.MetricsLog(out)
     batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
-                           cfg["channels_last"])
+                           cfg["channels_last"], rank, world)  # this rank's share of each global batch
     epochs, per_epoch = (1, min(2, len(batches))) if cfg["dry_run"] else (cfg["epochs"], len(batches))
     n_params = sum(p.numel() for p in trainer.net.parameters())
-    print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
-          f"{device}, bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
+    if rank == 0:
+        print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
+              f"{device}{f' x {world} processes' if world > 1 else ''}, "
+              f"bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
     if cfg["eval_every"] and not ds.display_invert:
         raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
-    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] else None  # FID's real side
+    # FID's real side, on rank 0, which alone evaluates
+    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] and rank == 0 else None
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
     with data.CtrlC() as stop:
         while epoch < epochs:
             sums, seen, t0 = {}, 0, time.perf_counter()
-            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=rank > 0)
             for x in batches.epoch(epoch, start=batch):
                 if batch >= per_epoch or stop.requested():
                     break
-                losses = trainer.step(x)
+                losses = trainer.step(x)  # under torchrun: the global batch's, on every rank
                 if not math.isfinite(losses["loss"]):
                     bar.close()
-                    sys.exit(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1} step "
-                             f"{trainer.step_count + 1}; stopped, {ckpt_path} keeps the last good state")
-                batch, seen = batch + 1, seen + len(x)
+                    data.exit_all(f"error: non-finite loss {losses['loss']} at epoch {epoch + 1} step "
+                                  f"{trainer.step_count + 1}; stopped, {ckpt_path} keeps the last good state")
+                batch, seen = batch + 1, seen + len(x) * world  # images of the global batch
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                    sums[k] = sums.get(k, 0.0) + v * len(x) * world
                 img_s = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{img_s:.1f}")
                 bar.update()
-                if trainer.step_count % cfg["log_every"] == 0:
+                if trainer.step_count % cfg["log_every"] == 0 and rank == 0:
                     log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
                               lr=trainer.lr)
             bar.close()
             if stop.requested():
-                save()
-                print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
-                      file=sys.stderr)
-                sys.exit(130)
+                if rank == 0:
+                    save()
+                    print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with "
+                          "--resume", file=sys.stderr)
+                data.exit_all(130)
             epoch, batch = epoch + 1, 0
+            if rank > 0:
+                continue  # the others train on while rank 0 logs, draws, evaluates and saves
             if seen:
                 log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
                           img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr)
@@ -453,7 +465,8 @@ def main(argv=None):
                 log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
             data.plot_curves(log.path, os.path.join(out, "curves.png"))
             save()
-    print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
+    if rank == 0:
+        print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
