@@ -234,7 +234,8 @@ def interpolates(real, fake):
 
     -> (x_hat (N, C, H, W), a (N, 1, 1, 1)). A weight per pixel would give points on no real-fake line.
     """
-    a = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    # drawn for the global batch, this rank's rows kept (data.shard): under torchrun as one process draws it
+    a = data.shard(torch.rand(real.shape[0] * data.world_size(), 1, 1, 1, device=real.device))
     return torch.lerp(fake, real, a), a
 
 
@@ -272,13 +273,14 @@ def augment(x, fill=-1.0):
     [-1, 1]). Gathers and masks only, so it is differentiable in x and G learns through it. (N, C, H, W) -> same."""
     n, c, h, w = x.shape
     dev = x.device
-    shift = torch.randint(-(h // 8), h // 8 + 1, (2, n, 1, 1), device=dev)  # (dy, dx) per image
+    N = n * data.world_size()  # draws for the global batch, this rank's n kept (data.shard), as one process draws
+    shift = data.shard(torch.randint(-(h // 8), h // 8 + 1, (2, N, 1, 1), device=dev), dim=1)  # (dy, dx) per image
     ys = torch.arange(h, device=dev).view(1, h, 1) - shift[0]  # the source row of every output pixel
     xs = torch.arange(w, device=dev).view(1, 1, w) - shift[1]
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)  # (N, H, W)
     idx = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).flatten(1)  # (N, H*W)
     moved = x.flatten(2).gather(2, idx[:, None].expand(-1, c, -1)).view(n, c, h, w)
-    centre = torch.randint(0, h, (2, n, 1, 1), device=dev)
+    centre = data.shard(torch.randint(0, h, (2, N, 1, 1), device=dev), dim=1)
     cut = ((torch.arange(h, device=dev).view(1, h, 1) - centre[0]).abs() < h // 4) & \
         ((torch.arange(w, device=dev).view(1, 1, w) - centre[1]).abs() < w // 4)
     return torch.where((inside & ~cut)[:, None], moved, torch.full_like(moved, fill))
@@ -302,9 +304,14 @@ class Trainer:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
         self.G, self.D = (m.to(self.device, memory_format=layout(cfg)) for m in build(cfg))
+        if self.device.type == "cuda" and data.world_size() > 1:  # BatchNorm over the global batch, as on one GPU;
+            self.G = nn.SyncBatchNorm.convert_sync_batchnorm(self.G)  # a CPU rank normalizes its own share (README)
         # compiled views for the forward passes; the penalty's double backward runs on the plain D
         # (torch.compile does not support create_graph=True), state_dicts come from the plain modules
         self.G_fwd, self.D_fwd = (torch.compile(m) if cfg["compile"] else m for m in (self.G, self.D))
+        # under torchrun DDP averages G's gradients; D's are averaged in step() by one all_reduce of our own, because
+        # DDP's hooks do not support the double backward (create_graph=True) of D's penalty
+        self.G_fwd = data.ddp(self.G_fwd, self.device)
         # the EMA copy stays in eval mode for good: sampling from it never touches G's train/eval state
         self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg["ema_decay"] > 0 else None
         self.optimizer_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
@@ -335,7 +342,8 @@ class Trainer:
         cfg, n = self.cfg, x.shape[0]
         seen = augment if cfg["augment"] else (lambda images: images)  # what D sees of an image
         for i in range(cfg["n_critic"]):
-            z = torch.randn(n, cfg["latent_dim"], device=self.device)
+            # z of the global batch, this rank's rows kept (data.shard): under torchrun as one process draws it
+            z = data.shard(torch.randn(n * data.world_size(), cfg["latent_dim"], device=self.device))
             last = i == cfg["n_critic"] - 1  # the last batch of fakes is reused by the G step below
             with torch.set_grad_enabled(last), self.autocast():
                 fake = self.G_fwd(z)
@@ -344,10 +352,12 @@ class Trainer:
                 real_s, fake_s = self.D_fwd(torch.cat([real_in, fake_in])).float().split(n)
             loss_d = d_loss(cfg["loss"], real_s, fake_s)
             penalty = self.penalty(real_in, fake_in, self.step_count * cfg["n_critic"] + i)
-            if not torch.isfinite(loss_d + penalty):  # leave the weights as they were; the loop stops the run
-                return {"loss_d": (loss_d + penalty).item()}
+            total = data.mean_over_ranks((loss_d + penalty).detach())  # the global batch's (all ranks alike)
+            if not torch.isfinite(total):  # leave the weights as they were; the loop stops the run
+                return {"loss_d": total.item()}
             self.optimizer_d.zero_grad(set_to_none=True)
             (loss_d + penalty).backward()
+            data.average_gradients(self.D.parameters())  # under torchrun: the global batch's mean loss's gradient
             self.optimizer_d.step()
 
         self.D.requires_grad_(False)  # the G step needs D's input gradient only, not its weight gradients
@@ -362,7 +372,8 @@ class Trainer:
         if self.ema is not None:  # warm-up: early on the average must not cling to the random init
             ema_update(self.ema, self.G, min(cfg["ema_decay"], (1 + self.step_count) / (10 + self.step_count)))
         self.step_count += 1
-        vals = torch.stack([loss_d, loss_g, penalty, real_s.mean(), fake_s.mean()]).tolist()  # one device sync
+        vals = torch.stack([loss_d, loss_g, penalty, real_s.mean(), fake_s.mean()]).detach()
+        vals = data.mean_over_ranks(vals).tolist()  # the global batch's means; one device sync
         return dict(zip(("loss_d", "loss_g", "penalty", "d_real", "d_fake"), vals))
 
     def state_dict(self):
@@ -386,8 +397,8 @@ class Trainer:
 
 def main(argv=None):
     args, ckpt = data.open_run(get_parser(), argv, KIND)
-    device = data.pick_device(args.device)
-    ds = data.data_from_args(args)
+    rank, world, device = data.distributed(args)  # (0, 1, the --device) without torchrun
+    ds = data.data_from_args(args, progress=rank == 0)
     cfg = config_from_args(args, ds)
     torch.manual_seed(cfg["seed"])  # weight init
     trainer = Trainer(cfg, device)
@@ -397,52 +408,59 @@ def main(argv=None):
         epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
         data.set_rng_state(ckpt["rng"])
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
-    os.makedirs(out, exist_ok=True)
-    data.write_config(out, cfg)
+    if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
+        os.makedirs(out, exist_ok=True)
+        data.write_config(out, cfg)
     log = data.MetricsLog(out)
     batches = data.Batches(ds.images, cfg["batch_size"], device, NORM, cfg["seed"], cfg["hflip"],
-                           cfg["channels_last"])
+                           cfg["channels_last"], rank, world)  # this rank's share of each global batch
     epochs, per_epoch = (1, min(2, len(batches))) if cfg["dry_run"] else (cfg["epochs"], len(batches))
     n_g, n_d = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (trainer.G, trainer.D))
-    print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
-          f"{tuple(ds.images.shape[1:])}, {device}, bf16 {data.use_bf16(device, cfg['precision'])}, "
-          f"epoch {epoch}/{epochs}, run folder {out}")
+    if rank == 0:
+        print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
+              f"{tuple(ds.images.shape[1:])}, {device}{f' x {world} processes' if world > 1 else ''}, "
+              f"bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
     if cfg["eval_every"] and not ds.display_invert:
         raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
-    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] else None  # FID's real side
+    # FID's real side, on rank 0, which alone evaluates
+    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] and rank == 0 else None
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
     with data.CtrlC() as stop:
         while epoch < epochs:
             sums, seen, t0 = {}, 0, time.perf_counter()
-            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            bar = tqdm(total=per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=rank > 0)
             for x in batches.epoch(epoch, start=batch):
                 if batch >= per_epoch or stop.requested():
                     break
-                losses = trainer.step(x)
+                losses = trainer.step(x)  # under torchrun: the global batch's, on every rank
                 if not all(math.isfinite(v) for v in losses.values()):
                     bar.close()
-                    sys.exit(f"error: non-finite loss ({', '.join(f'{k}={v:.4g}' for k, v in losses.items())}) at "
-                             f"epoch {epoch + 1} step {trainer.step_count + 1}; stopped, {ckpt_path} keeps the "
-                             "last good state")
-                batch, seen = batch + 1, seen + len(x)
+                    data.exit_all(f"error: non-finite loss ({', '.join(f'{k}={v:.4g}' for k, v in losses.items())}) "
+                                  f"at epoch {epoch + 1} step {trainer.step_count + 1}; stopped, {ckpt_path} keeps "
+                                  "the last good state")
+                batch, seen = batch + 1, seen + len(x) * world  # images of the global batch
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                    sums[k] = sums.get(k, 0.0) + v * len(x) * world
                 img_s = seen / (time.perf_counter() - t0)
                 bar.set_postfix(d=f"{losses['loss_d']:.3f}", g=f"{losses['loss_g']:.3f}",
                                 pen=f"{losses['penalty']:.3f}", img_s=f"{img_s:.1f}")
                 bar.update()
-                if trainer.step_count % cfg["log_every"] == 0:
+                if trainer.step_count % cfg["log_every"] == 0 and rank == 0:
                     log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
                               lr=trainer.lr, lr_d=cfg["lr_d"])
             bar.close()
             if stop.requested():
-                save()
-                print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with --resume",
-                      file=sys.stderr)
-                sys.exit(130)
+                if rank == 0:
+                    save()
+                    print(f"interrupted: saved {ckpt_path} at epoch {epoch} + {batch} batches; continue with "
+                          "--resume", file=sys.stderr)
+                data.exit_all(130)
             epoch, batch = epoch + 1, 0
+            if rank > 0:
+                continue  # the others train on while rank 0 logs, draws, evaluates and saves
             if seen:
                 log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
                           img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr, lr_d=cfg["lr_d"])
@@ -457,7 +475,8 @@ def main(argv=None):
                 log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
             data.plot_curves(log.path, os.path.join(out, "curves.png"))
             save()
-    print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
+    if rank == 0:
+        print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
