@@ -276,7 +276,7 @@ class Batches:
         self.rank, self.world, self.used = rank, world, len(images) - len(images) % world  # used: a multiple of world
 
     def __len__(self):
-        return math.ceil(self.used / self.batch_size)
+        return steps_per_epoch(self.n, self.batch_size, self.world)
 
     def epoch(self, epoch, start=0):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -292,6 +292,13 @@ class Batches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x
+
+
+def steps_per_epoch(n, batch_size, world=None):
+    """The global batches in an epoch of n images, len(Batches): under torchrun (world processes; by default this
+    job's) without the n mod world images that sit the epoch out."""
+    world = world or world_size()
+    return math.ceil((n - n % world) / batch_size)
 
 
 def _free_memory(device):

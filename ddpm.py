@@ -74,7 +74,7 @@ def config_from_args(args, ds=None):
     run's total steps (the learning-rate schedule's length)."""
     ds = ds if ds is not None else data.data_from_args(args)
     n, c, s = ds.images.shape[:3]
-    per_epoch = math.ceil(n / args.batch_size)
+    per_epoch = data.steps_per_epoch(n, args.batch_size)
     return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
             "n_images": n, "steps_per_epoch": per_epoch,
             "total_steps": min(2, per_epoch) if args.dry_run else args.epochs * per_epoch}

@@ -90,7 +90,7 @@ def config_from_args(args, ds=None):
         raise data.GanjiError(f"--n-critic and --penalty-every must be at least 1, got {args.n_critic}, "
                               f"{args.penalty_every}")
     return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
-            "n_images": n, "steps_per_epoch": math.ceil(n / args.batch_size),
+            "n_images": n, "steps_per_epoch": data.steps_per_epoch(n, args.batch_size),
             "lr_d": args.lr if args.lr_d is None else args.lr_d,
             "betas_d": args.betas if args.betas_d is None else args.betas_d}
 

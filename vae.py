@@ -55,7 +55,7 @@ def config_from_args(args, ds=None):
     ds = ds if ds is not None else data.data_from_args(args)
     n, c, s = ds.images.shape[:3]
     return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
-            "n_images": n, "steps_per_epoch": math.ceil(n / args.batch_size)}
+            "n_images": n, "steps_per_epoch": data.steps_per_epoch(n, args.batch_size)}
 
 
 # ----------------------------------------------------------------------------------------------------
