@@ -5,7 +5,8 @@
     python bench.py --device cuda --out bench_gpu
 
 Every figure is the median of several timed repeats after warm-up. Each training configuration runs
-in its own child process, so its peak memory (RSS on CPU, allocator peak on CUDA) is its own.
+in its own child process, so its peak memory (RSS on CPU, allocator peak on CUDA) is its own. On a CPU it also
+times one training step on 1 and on 2 processes under torchrun (gloo), each count its own torchrun job.
 Writes OUT/bench.md (the table) and OUT/bench.json (every number).
 """
 import argparse
@@ -144,6 +145,44 @@ def train_row(kind, width, precision, channels_last, compile, batch, data_dir, d
             "gflops": flops / seconds / 1e9, "peak_mem_MB": mem / 2 ** 20}
 
 
+def ddp_rows(kind, width, batch, data_dir, repeats, processes=(1, 2)):
+    """images/s of one fp32 training step of the global batch on 1, 2, ... CPU processes: torchrun --standalone,
+    gloo; each process computes its share of the batch and DDP averages the gradients. torchrun gives each of N > 1
+    processes one thread (OMP_NUM_THREADS=1, unless it is set), one process uses every core: the same cores either
+    way. Each count is its own torchrun job running this file with --ddp-row."""
+    spec = json.dumps(dict(kind=kind, width=width, batch=batch, data_dir=data_dir))
+    rows = []
+    for n in processes:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               os.path.abspath(__file__), "--ddp-row", spec, "--device", "cpu", "--batch-size", str(batch),
+               "--repeats", str(repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"model": kind, "width": width, "precision": "fp32", "processes": n, "batch": batch}
+        if out.returncode != 0:  # torchrun's own report ends stderr: the first error line is the worker's
+            row["error"] = next((line for line in out.stderr.splitlines() if "error" in line.lower()), "failed")[:200]
+        else:
+            row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(row)
+    return rows
+
+
+def ddp_row(args, kind, width, batch, data_dir):
+    """One rank of a ddp_rows job: its share of a real kanji batch, the median step time (printed by rank 0)."""
+    rank, world, device = data.distributed(args)
+    mod = importlib.import_module(kind)
+    cfg = mod.config_from_args(mod.get_parser().parse_args(
+        ["--width", str(width), "--precision", "fp32", "--batch-size", str(batch), "--image-size", "64",
+         "--channels", "1", "--device", "cpu", "--data-dir", data_dir]))
+    torch.manual_seed(0)
+    trainer = mod.Trainer(cfg, device)
+    images = data.load_dataset("kanji", limit=batch, data_dir=data_dir, progress=False).images
+    x = next(data.Batches(images, batch, device, mod.NORM, channels_last=cfg["channels_last"], rank=rank,
+                          world=world).epoch(0))
+    seconds = median_time(lambda: trainer.step(x), device, args.repeats, warmup=1)
+    if rank == 0:
+        print(json.dumps({"threads": torch.get_num_threads(), "s_per_step": seconds, "img_per_s": batch / seconds}))
+
+
 def sample_rows(kind, width, device, repeats, ddpm_samplers, data_dir):
     """Seconds for a 4x4 grid from an untrained network of the reference shape (speed does not depend
     on the weights). DDPM: each sampler in ddpm_samplers as (name, steps)."""
@@ -204,8 +243,15 @@ def main(argv=None):
                    help=f"comma-separated --width values (default: 1.0,{SMALL_WIDTH}; --quick: {SMALL_WIDTH})")
     p.add_argument("--data-dir", default="data", help="kanji render cache (default: %(default)s)")
     p.add_argument("--out", default="bench", help="folder for bench.md and bench.json (default: %(default)s)")
+    p.add_argument("--processes", default="1,2",
+                   help="on a CPU, also time one training step (first model, first width) on each of these numbers "
+                        "of processes under torchrun, gloo; empty = skip (default: %(default)s)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one training row, as JSON
+    p.add_argument("--ddp-row", default=None, help=argparse.SUPPRESS)  # internal: one rank of a torchrun row
     args = p.parse_args(argv)
+    if args.ddp_row:
+        args.repeats = args.repeats or 3
+        return ddp_row(args, **json.loads(args.ddp_row))
     device = data.pick_device(args.device)
     args.device = device.type
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -245,6 +291,11 @@ def main(argv=None):
         result["train"].append(row)
         print(json.dumps(row), flush=True)
 
+    processes = [int(n) for n in args.processes.split(",") if n]
+    result["ddp"] = ddp_rows(models[0], widths[0], args.batch_size, args.data_dir, args.repeats, processes) \
+        if device.type == "cpu" and processes else []
+    print(json.dumps(result["ddp"]), flush=True)
+
     samplers = [("ancestral", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
     result["sample"] = []
     for k in models:
@@ -252,6 +303,9 @@ def main(argv=None):
                                         samplers[1:] if args.quick else samplers, args.data_dir)
     print(json.dumps(result["sample"]), flush=True)
 
+    ddp = ["torchrun on the CPU (gloo): one training step of the global batch on N processes", "",
+           table(result["ddp"], ["model", "width", "precision", "processes", "threads", "batch", "s_per_step",
+                                 "img_per_s", "error"]), ""] if result["ddp"] else []
     md = [f"GANji bench: {machine} ({device.type}), torch {torch.__version__}, {result['date']}"
           + (" (quick)" if args.quick else ""), "",
           "Peak GFLOP/s (share_of_peak is against the higher of matmul and conv3x3): "
@@ -259,7 +313,7 @@ def main(argv=None):
           table([result["data"]], list(result["data"])), "",
           table(result["train"], ["model", "width", "precision", "channels_last", "compile", "batch", "params_M",
                                   "s_per_step", "img_per_s", "gflop_per_img", "gflops", "share_of_peak",
-                                  "peak_mem_MB", "error"]), "",
+                                  "peak_mem_MB", "error"]), "", *ddp,
           table(result["sample"], ["model", "width", "sampler", "steps", "s_per_4x4_grid"])]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
