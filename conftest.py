@@ -1,10 +1,13 @@
 """Helpers shared by the test files: the render cache, one thread, running a CLI, the in-step Ctrl-C,
 comparing checkpoints, and the tiny run every model test trains."""
 import os
+import pickle
 import signal
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +73,39 @@ def states_equal(a, b):
     if isinstance(a, torch.Tensor):
         return a.dtype == b.dtype and torch.equal(a, b)
     return a == b
+
+
+def write_mnist(root, n=20):
+    """Random MNIST in its real idx files under root/MNIST/raw (train: n images, t10k: 5) -> the train images.
+
+    idx: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 dims, raw bytes."""
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    imgs = np.random.default_rng(0).integers(0, 256, (n, 28, 28))
+    for prefix, k in (("train", n), ("t10k", 5)):
+        for kind, array in (("images-idx3", imgs[:k]), ("labels-idx1", np.arange(k) % 10)):
+            with open(os.path.join(raw, f"{prefix}-{kind}-ubyte"), "wb") as f:
+                f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim))
+                f.write(struct.pack(f">{array.ndim}I", *array.shape))
+                f.write(array.astype(np.uint8).tobytes())
+    return imgs
+
+
+def write_cifar10(root, monkeypatch):
+    """Random CIFAR-10 in its real pickled batches under root/cifar-10-batches-py, 4 images per batch (20 for
+    training) -> the first training image's 3072 bytes."""
+    import torchvision.datasets.cifar as cifar
+    # synthetic batches cannot match the real files' md5 sums; everything else is the real code path
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    first = None
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), "labels": [0, 1, 2, 3]}
+        first = batch["data"][0] if first is None else first
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return first

@@ -1,7 +1,5 @@
 """data.py: the rendered kanji, folders, MNIST/CIFAR-10 in their real file formats, batching, small helpers."""
 import os
-import pickle
-import struct
 import sys
 
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 import torch
 
 import data
-from conftest import HERE, run_cli
+from conftest import HERE, run_cli, write_cifar10, write_mnist
 
 
 @pytest.fixture(scope="module")
@@ -116,22 +114,8 @@ def test_missing_or_empty_folder_is_one_line_error(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "not found" in out.stderr and "Traceback" not in out.stderr
 
 
-def _write_idx(path, array):
-    """MNIST's idx format: magic (0, 0, dtype=0x08 ubyte, ndim), big-endian int32 dims, raw bytes."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
 def test_mnist_real_format(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (20, 28, 28))
-    for prefix, n in (("train", 20), ("t10k", 5)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", imgs[:n])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    imgs = write_mnist(tmp_path)
     ds = data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
     assert ds.images.shape == (20, 1, 32, 32) and not ds.display_invert
     native = data.load_dataset("mnist", image_size=28, data_dir=str(tmp_path), download=False)
@@ -139,23 +123,10 @@ def test_mnist_real_format(tmp_path):
 
 
 def test_cifar10_real_format(tmp_path, monkeypatch):
-    import torchvision.datasets.cifar as cifar
-    # our synthetic batches cannot match the real files' md5 sums; everything else is the real code path
-    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    batches = []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), "labels": [0, 1, 2, 3]}
-        batches.append(batch["data"])
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    first = write_cifar10(tmp_path, monkeypatch)
     ds = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
     assert ds.images.shape == (20, 3, 32, 32) and not ds.display_invert
-    assert np.array_equal(ds.images[0].numpy().reshape(-1), batches[0][0])
+    assert np.array_equal(ds.images[0].numpy().reshape(-1), first)
 
 
 def test_offline_mnist_error_says_where(tmp_path):

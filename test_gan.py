@@ -1,6 +1,7 @@
 """gan.py: shapes, loss and penalty math, EMA, sampling side effects and checkpoints (the run contract it
 shares with the other two scripts is in test_models.py)."""
 import copy
+import json
 import math
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 
 import data
 import gan
-from conftest import fake_dataset, tiny_args
-
+from conftest import fake_dataset, tiny_args, write_cifar10, write_mnist
 
 
 def tiny_cfg(*extra, size=32, channels=1):
@@ -37,12 +37,12 @@ def test_shapes(size, channels):
 
 
 def test_reference_size():
-    """Width 1.0 on 64x64 kanji: D has 4 blocks 128 -> 512 channels; about 9 M parameters in all."""
+    """Width 1.0 on 64x64 kanji: channels taper toward the image side in both networks."""
     G, D = gan.build(gan.config_from_args(gan.get_parser().parse_args([]), fake_dataset(size=64)))
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-    assert 3.5e6 < n_g < 4.5e6 and 4.5e6 < n_d < 5.5e6
-    assert [b.conv2.out_channels for b in D.blocks] == [128, 128, 256, 512]
-    assert [b.conv2.out_channels for b in G.blocks] == [256, 128, 128, 128] and G.fc.out_features == 512 * 4 * 4
+    assert 3.5e6 < n_g < 3.7e6 and 4.8e6 < n_d < 4.9e6
+    assert [b.conv2.out_channels for b in D.blocks] == [64, 128, 256, 512]
+    assert [b.conv2.out_channels for b in G.blocks] == [256, 128, 64, 32] and G.fc.out_features == 512 * 4 * 4
     assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in D.modules())
 
 
@@ -207,14 +207,24 @@ def test_ema_update_math():
         assert torch.equal(e, b)
 
 
-def test_trainer_ema_warmup():
-    """Step 1 uses decay min(ema_decay, 1/10): ema = 0.1 * G_before + 0.9 * G_after."""
+def test_ema_decay_half_life_in_images():
+    """After half_life / batch steps at the returned decay, the old weights' share is exactly 1/2."""
+    d = gan.ema_decay(images_seen=10**9, batch_size=64, kimg=10, rampup=0.05)
+    assert d ** (10_000 / 64) == pytest.approx(0.5)
+    # ramp: after 20,000 images the half-life is 0.05 * 20,000 = 1,000 images, not 10,000
+    assert gan.ema_decay(20_000, 64, 10, 0.05) ** (1_000 / 64) == pytest.approx(0.5)
+    assert gan.ema_decay(20_000, 64, 10, 0) == d  # no ramp
+
+
+def test_trainer_ema_ramp():
+    """Step 1 has seen one batch b: half-life 0.05 * b images, decay 0.5 ** (b / (0.05 b)) = 0.5 ** 20."""
     torch.manual_seed(0)
     tr = gan.Trainer(tiny_cfg(), "cpu")
     g0 = [p.detach().clone() for p in tr.G.parameters()]
     tr.step(batch())
+    d = 0.5 ** 20
     for e, a, b in zip(tr.ema.parameters(), g0, tr.G.parameters()):
-        assert torch.allclose(e, 0.1 * a + 0.9 * b, atol=1e-6)
+        assert torch.allclose(e, d * a + (1 - d) * b, atol=1e-6)
     assert not tr.ema.training and tr.G.training
 
 
@@ -238,12 +248,12 @@ def test_sampling_leaves_training_state_alone():
     assert torch.equal(a, gan.sample(tr.sample_net, tr.cfg, 8, seed=5)) and not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("ema_decay", ["0.999", "0"])
-def test_checkpoint_round_trip(tmp_path, ema_decay):
+@pytest.mark.parametrize("ema_kimg", ["10", "0"])
+def test_checkpoint_round_trip(tmp_path, ema_kimg):
     torch.manual_seed(0)
-    cfg = tiny_cfg("--ema-decay", ema_decay)
+    cfg = tiny_cfg("--ema-kimg", ema_kimg)
     tr = gan.Trainer(cfg, "cpu")
-    assert tr.sample_net is (tr.ema if ema_decay != "0" else tr.G)
+    assert tr.sample_net is (tr.ema if ema_kimg != "0" else tr.G)
     tr.step(batch())
     path = str(tmp_path / "ckpt.pt")
     gan.save_checkpoint(path, tr, epoch=1, batch=0, train_seconds=1.0)
@@ -253,3 +263,23 @@ def test_checkpoint_round_trip(tmp_path, ema_decay):
     tr2 = gan.Trainer(cfg, "cpu")
     tr2.load_state_dict(data.load_checkpoint(path, "gan"))
     assert tr2.step_count == 1 and tr2.optimizer_d.state_dict()["state"][0]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- other datasets
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_trains_on_mnist_and_cifar10(tmp_path, monkeypatch, dataset):
+    """The default recipe on the real file formats (written by conftest, nothing downloaded): two epochs of
+    two steps, finite losses, a grid and a checkpoint that samples images of the dataset's shape."""
+    if dataset == "mnist":
+        write_mnist(tmp_path)
+    else:
+        write_cifar10(tmp_path, monkeypatch)
+    out = tmp_path / "run"
+    gan.main(tiny_args(tmp_path, out, "--dataset", dataset, "--epochs", "2", "--batch-size", "8"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows and all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss"))
+    assert (out / "samples_epoch002.png").is_file()
+    net, cfg = gan.load(str(out / "ckpt.pt"))
+    channels = 1 if dataset == "mnist" else 3
+    assert gan.sample(net, cfg, 2, seed=0).shape == (2, channels, 32, 32)
