@@ -36,6 +36,9 @@ TRAINED = {"vae": "net", "gan": "G", "ddpm": "net"}  # the network the EMA follo
 # cancels) the gradient is float32 rounding whose sign differs between the two orders, and Adam's first update,
 # lr * g / (|g| + 1e-8), turns that into up to +-lr: there the weights may differ by up to 2 lr (measured: 1.02 lr).
 GRAD_RTOL, ATOL, NOISE = 1e-4, 1e-5, 1e-6
+# A gradient that is zero in exact arithmetic is rounding only, in both runs: D's last bias under the rpgan loss, which
+# sees only differences of scores (measured: 5.6e-9). Gradients are compared to GRAD_RTOL of their largest plus this.
+GRAD_FLOOR = 1e-7
 # After 8 steps (4 on 2 ranks, then 4 in one process after --resume, against 8 in one process). The VAE and the DDPM
 # stay within 1e-5 (measured); in the GAN, the D weights that took those opposite first steps change D's scores, and
 # about 200 of its 240,000 weights drift apart by up to 4.5 lr (measured 9.1e-4, with lr 2e-4).
@@ -141,13 +144,13 @@ def test_a_step_on_two_ranks_equals_a_step_in_one_process(kind, runs):
     g1, g2 = r["one"]["grads"], r["two"][0]["grads"]  # averaged by DDP (VAE, DDPM, G) or data.average_gradients (D)
     assert g1.keys() == g2.keys()
     for k in g1:
-        torch.testing.assert_close(g2[k], g1[k], rtol=0, atol=GRAD_RTOL * g1[k].abs().max().item(),
+        torch.testing.assert_close(g2[k], g1[k], rtol=0, atol=GRAD_RTOL * g1[k].abs().max().item() + GRAD_FLOOR,
                                    msg=lambda m: f"{k}: {m}")
     one, two = weights(r["one"]["steps"][0], kind), weights(r["two"][0]["steps"][0], kind)
     assert one.keys() == two.keys()
     lr = importlib.import_module(kind).get_parser().get_default("lr")  # the largest in these runs
     for k in one:
-        g = g1[k.replace("ema.", TRAINED[kind] + ".")]  # after its first update the EMA is 0.9 of the way to the net
+        g = g1[k.replace("ema.", TRAINED[kind] + ".")]  # after its first update the EMA is all but the net
         bound = torch.where(g.abs() < NOISE, 2 * lr, ATOL)
         assert ((two[k] - one[k]).abs() <= bound).all(), (k, (two[k] - one[k]).abs().max().item())
     # the logged losses are the global batch's (all-reduced), step by step; within 0.1 % (measured: 1.2e-4 of the

@@ -129,8 +129,10 @@ def test_augment_is_differentiable_drawn_per_image_and_off_by_default(monkeypatc
     monkeypatch.setattr(gan, "augment", lambda images: calls.append(1) or images)
     gan.Trainer(tiny_cfg(), "cpu").step(batch())
     assert calls == []
-    gan.Trainer(tiny_cfg("--augment"), "cpu").step(batch())
+    gan.Trainer(tiny_cfg("--augment", "--loss", "hinge"), "cpu").step(batch())
     assert len(calls) == 3  # the real and the fake batch of the D step, the fakes of the G step
+    gan.Trainer(tiny_cfg("--augment", "--loss", "rpgan"), "cpu").step(batch())
+    assert len(calls) == 3 + 4  # rpgan's G step scores the paired reals too, each image drawn anew
 
 
 def linear_critic(w):
