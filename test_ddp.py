@@ -209,7 +209,9 @@ def test_rank_0_alone_writes_the_one_checkpoint_and_it_resumes_in_one_process(ki
 def test_a_bad_flag_under_torchrun_stops_every_rank_at_once(kind, flags, says, data_dir, tmp_path):
     res = torchrun(f"{kind}.py", *tiny_args(data_dir, tmp_path / "run", "--dry-run"), *flags, timeout=120)
     assert res.returncode != 0
-    assert res.stderr.count(says) == 2, res.stderr[-3000:]  # each rank stopped on it, before joining the other
+    # each rank stops on it before joining the other; a rank that has not printed it yet when the first one exits
+    # is ended by torchrun (SIGTERM), also non-zero: seen on a loaded CPU
+    assert 1 <= res.stderr.count(says) <= 2, res.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
