@@ -453,7 +453,7 @@ def load_images(path, size):
 
 def sample_checkpoint(kind, path, n, seed, device, batch_size, **sampler):
     """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind. sampler: the DDPM's sampler
-    and steps (default: ddpm.sample's)."""
+    and steps (default: ddpm.sample's), the VAE's prior (default: the run's)."""
     import sample
     from tqdm import tqdm
 
@@ -546,6 +546,8 @@ def get_parser():
     p.add_argument("--sampler", default=None, choices=("ddim", "dpm++2m", "ancestral"),
                    help="DDPM sampler (default: ddpm.py's, ddim)")
     p.add_argument("--steps", type=int, default=None, help="DDPM sampler steps (default: ddpm.py's, 50)")
+    p.add_argument("--prior", default=None, choices=("normal", "gmm"),
+                   help="VAE latents: N(0, I) or its fitted mixture (default: the run's --prior)")
     p.add_argument("--record", action="store_true",
                    help="also write the figures into the slim file's record (pretrained/*.pt)")
     p.add_argument("--images", default=None, metavar="DIR_OR_FILE",
@@ -608,10 +610,12 @@ def main(argv=None):
     t0 = time.time()
     images, cfg, source = None, {}, None
     if args.ckpt:
-        sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
+        sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("prior", args.prior))
+                   if v is not None}
         images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size,
                                               **sampler)
-        how = "" if kind != "ddpm" else f"{args.sampler or 'ddim'} {args.steps or 50} steps, "
+        how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, ",
+               "vae": f"{args.prior or cfg.get('prior', 'normal')} prior, ", "gan": ""}[kind]
         source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
     size = args.image_size or cfg.get("image_size") or 64
     font = args.font or cfg.get("font")

@@ -36,8 +36,9 @@ def load_any(kind, path, device="cpu"):
 def generate(mod, net, cfg, n=16, nrow=4, seed=0, device="cpu", interpolate=False, progress=None, **sampler):
     """[0, 1] images, ink bright: n samples, or n // nrow rows of an nrow-frame morph.
 
-    sampler: the DDPM's sampler, steps (and eta); the VAE and the GAN take none."""
-    sampler = sampler if mod.KIND == "ddpm" else {}
+    sampler: the DDPM's sampler, steps (and eta); the VAE's prior (None: the run's); the GAN takes none."""
+    keep = {"ddpm": ("sampler", "steps", "eta"), "vae": ("prior",), "gan": ()}[mod.KIND]
+    sampler = {k: v for k, v in sampler.items() if k in keep and v is not None}
     if mod.KIND == "ddpm":
         sampler["progress"] = progress
     if interpolate:
@@ -111,6 +112,8 @@ def get_parser():
                    help="DDPM only (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="DDPM sampler steps (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDPM DDIM noise, 0 = deterministic (default: %(default)s)")
+    p.add_argument("--prior", default=None, choices=("normal", "gmm"),
+                   help="VAE latents: N(0, I) or its fitted mixture (default: the run's --prior)")
     p.add_argument("--each", default=None, metavar="DIR", help="also write every image as DIR/NNNN.png")
     p.add_argument("--interpolate", action="store_true",
                    help="rows morph between random latents (VAE, GAN; DDPM via a deterministic sampler)")
@@ -151,7 +154,7 @@ def main(argv=None):
         bar.update(1)
 
     images = generate(mod, net, cfg, args.n, args.nrow, args.seed, device, args.interpolate, progress,
-                      sampler=args.sampler, steps=args.steps, eta=args.eta)
+                      sampler=args.sampler, steps=args.steps, eta=args.eta, prior=args.prior)
     if bar:
         bar.close()
     name = f"{'morph' if args.interpolate else 'sample'}_seed{args.seed}.png"

@@ -25,6 +25,19 @@ def ckpts(tmp_path_factory, data_dir):
     return paths
 
 
+def test_sample_cli_vae_prior_flag(ckpts, tmp_path):
+    """The tiny VAE (--prior gmm, the default) draws from its mixture, or from N(0, I) with --prior normal."""
+    import vae
+    net, cfg = vae.load(ckpts["vae"])
+    for prior in ("gmm", "normal"):
+        res = run_cli("sample.py", "vae", ckpts["vae"], "--prior", prior, "--out", str(tmp_path / f"{prior}.png"))
+        assert res.returncode == 0, res.stderr
+        data.save_grid(vae.sample(net, cfg, 16, seed=0, prior=prior), str(tmp_path / "direct.png"),
+                       cfg["display_invert"], nrow=4)
+        assert (tmp_path / f"{prior}.png").read_bytes() == (tmp_path / "direct.png").read_bytes()
+    assert (tmp_path / "gmm.png").read_bytes() != (tmp_path / "normal.png").read_bytes()
+
+
 @pytest.mark.parametrize("kind", data.KINDS)
 def test_sample_cli_each_kind_is_reproducible(ckpts, kind, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
