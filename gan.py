@@ -66,6 +66,10 @@ def get_parser():
     g.add_argument("--augment", action="store_true",
                    help="DiffAugment every image D sees, real and fake: a translation and a cutout, drawn per image "
                         "(no flip) (default: off)")
+    g.add_argument("--mbstd", action="store_true",
+                   help="minibatch standard deviation in D (Karras et al. 2018): D also sees how much its features "
+                        "vary across a group of 4 images, so a generator that collapses is easy to spot; not yet "
+                        "compared on a fixed budget, so off by default")
     g.add_argument("--n-critic", type=int, default=1,
                    help="discriminator steps per generator step, on the same batch (default: %(default)s)")
     g.add_argument("--lr-d", type=float, default=None,
@@ -185,24 +189,38 @@ class Generator(nn.Module):
         return torch.tanh(self.out(F.relu(self.bn(self.blocks(h)))))
 
 
+def minibatch_std(h, group=4):
+    """(N, C, H, W) features -> (N, 1): for each group of `group` consecutive images (gcd(group, N) where N is not a
+    multiple), the standard deviation of every feature across the group, averaged over features and positions
+    (Karras et al. 2018, "Progressive growing of GANs", section 3). Identical images give 0."""
+    n = h.shape[0]
+    g = math.gcd(group, n)
+    std = (h.float().reshape(n // g, g, -1).var(1, unbiased=False) + 1e-8).sqrt().mean(1)  # (N/g,)
+    return std.repeat_interleave(g)[:, None].to(h.dtype)
+
+
 class Discriminator(nn.Module):
-    def __init__(self, channels=1, width=1.0):
+    def __init__(self, channels=1, width=1.0, mbstd=False):
         super().__init__()
         ch = scaled(D_CHANNELS, width)
         self.blocks = nn.Sequential(*[DownBlock(a, b, first=i == 0)
                                       for i, (a, b) in enumerate(zip([channels] + ch, ch))])
-        self.fc = xavier(nn.Linear(ch[-1], 1))
+        self.mbstd = mbstd
+        self.fc = xavier(nn.Linear(ch[-1] + mbstd, 1))  # one more input with --mbstd
 
     def forward(self, x):
         """(N, C, S, S) -> (N,) unbounded scores, high = real."""
-        h = F.relu(self.blocks(x)).mean((2, 3))  # global average pool: the same head for any image size
-        return self.fc(h).squeeze(1)
+        h = F.relu(self.blocks(x))
+        pooled = h.mean((2, 3))  # global average pool: the same head for any image size
+        if self.mbstd:
+            pooled = torch.cat([pooled, minibatch_std(h)], 1)
+        return self.fc(pooled).squeeze(1)
 
 
 def build(cfg):
     """(generator, discriminator) from a config."""
     return (Generator(cfg["latent_dim"], cfg["channels"], cfg["image_size"], cfg["width"]),
-            Discriminator(cfg["channels"], cfg["width"]))
+            Discriminator(cfg["channels"], cfg["width"], cfg.get("mbstd", False)))  # older configs: no mbstd
 
 
 def layout(cfg):

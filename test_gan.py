@@ -285,3 +285,21 @@ def test_trains_on_mnist_and_cifar10(tmp_path, monkeypatch, dataset):
     net, cfg = gan.load(str(out / "ckpt.pt"))
     channels = 1 if dataset == "mnist" else 3
     assert gan.sample(net, cfg, 2, seed=0).shape == (2, channels, 32, 32)
+
+
+def test_minibatch_std_by_hand_and_only_within_its_group():
+    # 4 images of 2 features at 1x1: feature 0 is 0, 2, 4, 6 (std 2.2361 across the group), feature 1 is 1 each (0)
+    h = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0], [6.0, 1.0]]).view(4, 2, 1, 1)
+    expected = (math.sqrt(5 + 1e-8) + math.sqrt(1e-8)) / 2
+    assert gan.minibatch_std(h).flatten().tolist() == pytest.approx([expected] * 4, rel=1e-6)
+    # 6 images: groups of gcd(4, 6) = 2, each its own std
+    h6 = torch.tensor([0.0, 2.0, 5.0, 5.0, 1.0, 4.0]).view(6, 1, 1, 1)
+    assert gan.minibatch_std(h6).flatten().tolist() == pytest.approx([1, 1, 1e-4, 1e-4, 1.5, 1.5], rel=1e-5)
+    torch.manual_seed(0)
+    d = gan.Discriminator(1, 0.125, mbstd=True).eval().to(memory_format=torch.channels_last)  # as it trains
+    assert d.fc.in_features == gan.Discriminator(1, 0.125).fc.in_features + 1
+    x = torch.rand(8, 1, 32, 32)
+    y = x.clone()
+    y[5] = 0  # another image in the second group of 4
+    sx, sy = d(x), d(y)
+    assert torch.equal(sx[:4], sy[:4]) and not torch.allclose(sx[4], sy[4])  # the first group never sees it
