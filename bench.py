@@ -297,7 +297,8 @@ def main(argv=None):
         if device.type == "cpu" and processes else []
     print(json.dumps(result["ddp"]), flush=True)
 
-    samplers = [("ancestral", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
+    samplers = [("ancestral", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10),
+                ("dpm++2m", 20), ("dpm++2m", 15), ("dpm++2m", 10), ("dpm++2m", 8)]
     result["sample"] = []
     for k in models:
         result["sample"] += sample_rows(k, widths[0], device, args.repeats,
