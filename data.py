@@ -676,8 +676,9 @@ def plot_curves(metrics_path, png_path):
 
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f]
-    steps = [r for r in rows if r["row"] == "step"]
-    evals = [r for r in rows if r["row"] == "eval"]
+    # rows without a "row" key come from a run started before it existed: not drawn
+    steps = [r for r in rows if r.get("row") == "step"]
+    evals = [r for r in rows if r.get("row") == "eval"]
     losses = sorted({k for r in steps for k in r if k.startswith("loss") or k in ("recon", "kl", "penalty")})
     panels = [("loss", losses, steps), ("images/s", ["img_per_s"], steps)] + [("FID", ["fid"], evals)] * bool(evals)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)

@@ -1,4 +1,5 @@
 """data.py: the rendered kanji, folders, MNIST/CIFAR-10 in their real file formats, batching, small helpers."""
+import json
 import os
 import sys
 
@@ -191,3 +192,16 @@ def test_latent_morph_rows_walk_from_start_to_end():
         assert torch.allclose(z[:, 0], z0, atol=1e-5) and torch.allclose(z[:, -1], z1, atol=1e-5)
     mid = data.latent_morph(z0, z1, 3, spherical=False).view(3, 3, 16)[:, 1]
     assert torch.allclose(mid, (z0 + z1) / 2, atol=1e-6)
+
+
+def test_curves_skip_rows_of_a_run_older_than_the_row_key(tmp_path):
+    # a run resumed from before metrics rows carried "row": its old lines are left out of the picture, not fatal
+    from PIL import Image
+    log = data.MetricsLog(str(tmp_path))
+    with open(log.path, "w") as f:
+        f.write(json.dumps({"epoch": 1, "step": 50, "loss": 0.7, "img_per_s": 39.0}) + "\n")
+    for step in (100, 150):
+        log.write(row="step", epoch=2, step=step, loss=1.0 / step, img_per_s=30.0)
+    data.plot_curves(log.path, str(tmp_path / "curves.png"))
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.format == "PNG" and im.width > im.height

@@ -312,8 +312,8 @@ def main(argv=None):
                 n = min(1000, len(ds.images))  # samples the FID is measured on
                 fake = sample(trainer.sample_net, cfg, n, seed=cfg["seed"] + 1, device=device)
                 log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
+            save()  # before the picture: a checkpoint never waits on a plot
             data.plot_curves(log.path, os.path.join(out, "curves.png"))
-            save()
     if rank == 0:
         print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")
 
