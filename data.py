@@ -347,8 +347,8 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True):
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="bf16 autocast or plain fp32; auto = bf16 where the device computes it natively (CUDA, "
-                        "a CPU with AVX-512 BF16 or AMX), fp32 elsewhere (default: %(default)s)")
+                   help="bf16 autocast or plain fp32; auto = bf16 on a CUDA GPU that has it, fp32 elsewhere (on CPUs "
+                        "bf16 was faster on one, slower on two; see data.use_bf16) (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
                    help=f"NHWC memory layout for the conv nets (default: {'on' if channels_last else 'off'}, "
@@ -444,12 +444,13 @@ def keep_freed_memory():
 
 
 def use_bf16(device, precision):
-    """Whether --precision means bf16 autocast on this device. auto: only where bf16 is native. A CPU without
-    AVX-512 BF16/AMX emulates it: a width-0.25 DDPM step took 16 s in bf16 vs 1.4 s in fp32 on an AVX2 EPYC."""
+    """Whether --precision means bf16 autocast on this device. auto: bf16 on a CUDA GPU that has it, fp32 on a CPU.
+
+    On CPUs bf16 was a gamble even where oneDNN reports it native (DDPM width 0.25, batch 64, s/step bf16 vs fp32):
+    AMD EPYC AVX-512 BF16 0.375 vs 0.561 (faster), Intel Xeon AVX-512 BF16 1.47 vs 0.99 (slower), AMD EPYC AVX2
+    16 vs 1.4 (emulated). fp32 is never the slow one by much, so a CPU trains in it unless told --precision bf16."""
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
-        return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16" and device.type in ("cpu", "cuda")
 
 

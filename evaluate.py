@@ -579,7 +579,7 @@ def get_parser():
     g.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="auto = bf16 where the device computes it natively, else fp32 (default: %(default)s)")
+                   help="auto = bf16 on a CUDA GPU that has it, else fp32 (default: %(default)s)")
     g.add_argument("--test-every", type=int, default=5,
                    help="print the Serif accuracy every N epochs (default: %(default)s)")
     g.add_argument("--feature-size", type=int, default=32, help="input side of the network (default: %(default)s)")
