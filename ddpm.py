@@ -5,7 +5,7 @@
     python ddpm.py --out runs/ddpm_small --resume --epochs 3
 
 Training: pick a random step t, noise a clean batch in one shot with q(x_t | x_0), and teach the U-Net to
-predict the noise (or v) with an MSE loss. Sampling walks back from pure noise: `ancestral` is the full
+predict v = sqrt(ab) eps - sqrt(1 - ab) x0 (or the noise eps) with an MSE loss. Sampling walks back from pure noise: `ancestral` is the full
 T-step DDPM reverse process; `ddim` (50 steps by default) and `dpm++2m` (a second-order solver of the same
 ODE, good in 10-20 steps) skip steps with the same trained network.
 The diffusion math lives in small functions below so the tests can check each against its formula.
@@ -43,12 +43,14 @@ def get_parser():
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)")
     g.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
                    help="noise schedule: linear beta 1e-4..0.02 (scaled by 1000/T) or cosine (default: %(default)s)")
-    g.add_argument("--pred", default="eps", choices=("eps", "v"),
-                   help="what the U-Net predicts: the noise eps or v = sqrt(ab) eps - sqrt(1-ab) x0 "
-                        "(default: %(default)s)")
+    g.add_argument("--pred", default="v", choices=("eps", "v"),
+                   help="what the U-Net predicts: the noise eps or v = sqrt(ab) eps - sqrt(1-ab) x0; v by "
+                        "measurement: 1,000-sample FID 50.7 vs eps 323.8 after 600 steps, eps grids sit on grey "
+                        "noise (README) (default: %(default)s)")
     g.add_argument("--loss-weight", default="uniform", choices=("uniform", "min-snr"),
                    help="per-step weight of the MSE: uniform, or min-SNR-gamma (Hang et al. 2023), which caps the "
-                        "weight of the easy low-noise steps (default: %(default)s)")
+                        "weight of the easy low-noise steps; uniform by measurement with v: FID 50.7 vs 60.1 "
+                        "(README) (default: %(default)s)")
     g.add_argument("--snr-gamma", type=float, default=5.0,
                    help="gamma of --loss-weight min-snr (default: %(default)s)")
     g.add_argument("--attn", action="store_true",
