@@ -18,7 +18,8 @@ from tkinter import filedialog, ttk
 import data
 import sample
 
-# the window's default sampler: 4x4 grids in about a second from the pretrained width-0.25 DDPM on a 2-core CPU
+# the window's default sampler, from ddpm.py's sampler table in the README: on the width-0.25 DDPM, DPM-Solver++ with
+# 8 steps scored FID 26.80 against DDIM-50's 26.81 at a sixth of the network calls
 SAMPLER, STEPS = "dpm++2m", 8
 
 
