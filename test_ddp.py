@@ -44,7 +44,7 @@ GRAD_FLOOR = 1e-7
 # about 200 of its 240,000 weights drift apart by up to 4.5 lr (measured 9.1e-4, with lr 2e-4).
 # On a 2-core Intel Xeon (AVX-512) the VAE drifted the same way: one of dec_in's 65,536 weights by 1.7e-3 (an Adam step on
 # a near-zero gradient whose sign the rounding flipped), and the mixture prior that EM refits from the latents after the
-# last step by up to 2.8e-4 (both seen before this change too); the DDPM passes within 1e-4 there.
+# last step by up to 2.8e-4; the DDPM passes within 1e-4 there.
 ATOL_RESUMED = {"vae": 2e-3, "gan": 2e-3, "ddpm": 1e-4}
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
