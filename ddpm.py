@@ -5,9 +5,9 @@
     python ddpm.py --out runs/ddpm_small --resume --epochs 3
 
 Training: pick a random step t, noise a clean batch in one shot with q(x_t | x_0), and teach the U-Net to
-predict v = sqrt(ab) eps - sqrt(1 - ab) x0 (or the noise eps) with an MSE loss. Sampling walks back from pure noise: `ancestral` is the full
-T-step DDPM reverse process; `ddim` (50 steps by default) and `dpm++2m` (a second-order solver of the same
-ODE, good in 10-20 steps) skip steps with the same trained network.
+predict v = sqrt(ab) eps - sqrt(1 - ab) x0 (or the noise eps) with an MSE loss. Sampling walks back from pure
+noise: `ancestral` is the full T-step DDPM reverse process; `ddim` (50 steps by default) and `dpm++2m` (a
+second-order solver of the same ODE, good in 8-20 steps) skip steps with the same trained network.
 The diffusion math lives in small functions below so the tests can check each against its formula.
 
 The file reads top to bottom like the other two scripts: parse -> data -> model -> step -> loop ->
