@@ -39,8 +39,8 @@ GRAD_RTOL, ATOL, NOISE = 1e-4, 1e-5, 1e-6
 # A gradient that is zero in exact arithmetic is rounding only, in both runs: D's last bias under the rpgan loss, which
 # sees only differences of scores (measured: 5.6e-9). Gradients are compared to GRAD_RTOL of their largest plus this.
 GRAD_FLOOR = 1e-7
-# After 8 steps (4 on 2 ranks, then 4 in one process after --resume, against 8 in one process). The VAE and the DDPM
-# stay within 1e-5 (measured); in the GAN, the D weights that took those opposite first steps change D's scores, and
+# After 8 steps (4 on 2 ranks, then 4 in one process after --resume, against 8 in one process). On the 2-core AMD
+# EPYC the VAE and the DDPM stayed within 1e-5 (measured); in the GAN, the D weights that took those opposite first steps change D's scores, and
 # about 200 of its 240,000 weights drift apart by up to 4.5 lr (measured 9.1e-4, with lr 2e-4).
 # On a 2-core Intel Xeon (AVX-512) the VAE drifted the same way: one of dec_in's 65,536 weights by 1.7e-3 (an Adam step on
 # a near-zero gradient whose sign the rounding flipped), and the mixture prior that EM refits from the latents after the
