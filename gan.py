@@ -77,7 +77,8 @@ def get_parser():
                    help="discriminator learning rate; --lr is the generator's. Half of G's made a 600-step run "
                         "collapse to one glyph (README) (default: same as --lr)")
     g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], metavar=("B1", "B2"),
-                   help="Adam betas of the generator (default: %(default)s)")
+                   help="Adam betas of the generator; 0.5 0.99 and 0 0.9 scored FID 183 and 186 against 197 at "
+                        "600 steps, 333-341 against 221 at 200 (README) (default: %(default)s)")
     g.add_argument("--betas-d", type=float, nargs=2, default=None, metavar=("B1", "B2"),
                    help="Adam betas of the discriminator (default: same as --betas)")
     g.add_argument("--ema-kimg", type=float, default=10.0,
