@@ -357,6 +357,10 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True):
                    help="channel multiplier; 1.0 is the reference architecture (default: %(default)s)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<model>_<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt (see below)")
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a new run from the sampling weights of a checkpoint of the same model, full or slim "
+                        "(fine-tuning, e.g. a pretrained/ file): settings not given come from it, the optimizer, "
+                        "learning-rate schedule and counters start fresh (default: off)")
     g.add_argument("--sample-every", type=int, default=1,
                    help="save a sample grid every N epochs (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=50,
@@ -380,22 +384,33 @@ def open_run(parser, argv, kind):
     """Parse argv -> (args, checkpoint dict or None) for a training script's main().
 
     A fresh run never overwrites a ckpt.pt. With --resume, every flag not given on the command line takes the
-    checkpoint's value; a given one may differ from it only if it is a run setting (RUN_KEYS)."""
+    checkpoint's value; a given one may differ from it only if it is a run setting (RUN_KEYS). With --init-from,
+    a fresh run takes every setting not given, run settings aside, from that checkpoint's config."""
     args = parser.parse_args(argv)
-    command = shlex.join(["python", f"{kind}.py", *(sys.argv[1:] if argv is None else argv)])
+    argv_ = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", f"{kind}.py", *argv_])
     args.out = args.out or os.path.join("runs", f"{kind}_{os.path.basename(os.path.normpath(args.dataset))}")
     path = os.path.join(args.out, "ckpt.pt")
     if not args.resume:
         if os.path.exists(path):
             raise GanjiError(f"{path} exists: pass --resume to continue it, or choose another --out")
-        args.commands = [command]  # every command that trained the run, for its record
+        args.commands, args.trained_before = [command], None  # every command that trained the weights
+        if args.init_from:
+            src = load_checkpoint(args.init_from, kind)
+            saved, given = src["config"], given_flags(parser, argv_)
+            for k in vars(args):
+                if k in saved and k not in given and k not in RUN_KEYS and k != "init_from":
+                    setattr(args, k, saved[k])
+            args.commands, args.trained_before = saved["commands"] + [command], trained_so_far(src)
         return args, None
+    if args.init_from:
+        raise GanjiError("--init-from starts a new run and --resume continues one: give only one of them")
     if not os.path.isfile(path):
         raise GanjiError(f"--resume: no ckpt.pt in {args.out}")
     ckpt = load_checkpoint(path, kind)
     if ckpt.get("slim"):
         raise GanjiError(f"{path} is a slim sampling-only checkpoint (no optimizer, no RNG): it cannot be resumed")
-    saved, given = ckpt["config"], given_flags(parser, sys.argv[1:] if argv is None else argv)
+    saved, given = ckpt["config"], given_flags(parser, argv_)
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})"
              for k in sorted(given) if k not in RUN_KEYS and k in saved and getattr(args, k) != saved[k]]
     if clash:
@@ -588,6 +603,24 @@ def load_checkpoint(path, kind=None, map_location="cpu", mmap=False):
         raise GanjiError(f"{path} has checkpoint format version {ckpt.get('version')}; "
                          f"this GANji reads version {FORMAT_VERSION}")
     return ckpt
+
+
+def trained_so_far(ckpt):
+    """{epochs, steps, train_minutes} that made a checkpoint's weights, counting the runs it was --init-from."""
+    if ckpt.get("slim"):
+        return {k: ckpt["record"][k] for k in ("epochs", "steps", "train_minutes")}
+    before = ckpt["config"].get("trained_before") or {"epochs": 0, "steps": 0, "train_minutes": 0.0}
+    return {"epochs": before["epochs"] + ckpt["epoch"], "steps": before["steps"] + ckpt["step"],
+            "train_minutes": round(before["train_minutes"] + ckpt["train_seconds"] / 60, 1)}
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), or one clear line when the shapes of --init-from's networks differ."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError:
+        raise GanjiError(f"--init-from {path}: its networks do not fit this run's; leave out the architecture "
+                         "flags (--width, --image-size, --channels, ...) to take the checkpoint's")
 
 
 def rng_state():

@@ -370,6 +370,11 @@ class Trainer:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "step": self.step_count}
 
+    def init_from(self, src, path):
+        """--init-from: the network and its EMA both start from src's sampling weights; AdamW starts fresh."""
+        for module in (self.net, self.ema) if self.ema is not None else (self.net,):
+            data.load_weights(module, sampling_weights(src), path)
+
     def load_state_dict(self, d):
         self.net.load_state_dict(d["net"])
         if self.ema is not None:
@@ -400,6 +405,8 @@ def main(argv=None):
         trainer.load_state_dict(ckpt)
         epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
         data.set_rng_state(ckpt["rng"])
+    elif cfg["init_from"]:
+        trainer.init_from(data.load_checkpoint(cfg["init_from"], KIND), cfg["init_from"])
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
     if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
         os.makedirs(out, exist_ok=True)

@@ -420,6 +420,14 @@ class Trainer:
                 "optimizer_g": self.optimizer_g.state_dict(), "optimizer_d": self.optimizer_d.state_dict(),
                 "step": self.step_count}
 
+    def init_from(self, src, path):
+        """--init-from: G and its EMA start from src's sampling weights, D from src's D where src has one (a slim
+        file keeps only G, so D starts from scratch); both Adams start fresh."""
+        for module in (self.G, self.ema) if self.ema is not None else (self.G,):
+            data.load_weights(module, sampling_weights(src), path)
+        if "D" in src:
+            data.load_weights(self.D, src["D"], path)
+
     def load_state_dict(self, d):
         self.G.load_state_dict(d["G"])
         self.D.load_state_dict(d["D"])
@@ -445,6 +453,8 @@ def main(argv=None):
         trainer.load_state_dict(ckpt)
         epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
         data.set_rng_state(ckpt["rng"])
+    elif cfg["init_from"]:
+        trainer.init_from(data.load_checkpoint(cfg["init_from"], KIND), cfg["init_from"])
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
     if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
         os.makedirs(out, exist_ok=True)

@@ -60,8 +60,7 @@ def export(src, dst):
     weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                for k, v in mod.sampling_weights(ckpt).items()}
     cfg = ckpt["config"]
-    record = {"commands": cfg.get("commands", []), "epochs": ckpt["epoch"], "steps": ckpt["step"],
-              "train_minutes": round(ckpt["train_seconds"] / 60, 1), "machine": ckpt["machine"],
+    record = {"commands": cfg.get("commands", []), **data.trained_so_far(ckpt), "machine": ckpt["machine"],
               "date": datetime.date.fromtimestamp(os.path.getmtime(src)).isoformat(), "evaluate": None}
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     data.atomic_save({"kind": ckpt["kind"], "version": data.FORMAT_VERSION, "config": cfg, "slim": True,

@@ -90,6 +90,33 @@ def test_fresh_run_never_overwrites_and_resume_needs_a_full_checkpoint(kind, dat
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_init_from_starts_a_new_run_from_the_sampling_weights(kind, data_dir, tmp_path):
+    """A fresh run from a slim file: its weights, its settings where none are given, fresh counters and optimizer;
+    the record adds up both runs. With --lr 0 the weights must come through the run untouched."""
+    mod = importlib.import_module(kind)
+    mod.main(tiny_args(data_dir, tmp_path / "src", "--epochs", "1", "--seed", "3"))
+    sample.export(str(tmp_path / "src" / "ckpt.pt"), str(tmp_path / "src.pt"))
+    slim = saved(tmp_path / "src.pt")
+    mod.main(tiny_args(data_dir, tmp_path / "new", "--init-from", str(tmp_path / "src.pt"), "--lr", "0",
+                       "--epochs", "1"))
+    new = saved(tmp_path / "new" / "ckpt.pt")
+    cfg = new["config"]
+    assert (new["step"], new["epoch"], cfg["seed"], cfg["init_from"]) == (4, 1, 3, str(tmp_path / "src.pt"))
+    assert cfg["commands"][:-1] == slim["record"]["commands"] and "--init-from" in cfg["commands"][-1]
+    built = mod.build(cfg)
+    params = [n for n, _ in (built[0] if kind == "gan" else built).named_parameters()]  # buffers may move (BN, GMM)
+    net = new["G" if kind == "gan" else "net"]
+    assert all(torch.equal(net[k], slim["sample_net"][k].float()) for k in params)
+    record = sample.export(str(tmp_path / "new" / "ckpt.pt"), str(tmp_path / "new.pt"))
+    assert (record["epochs"], record["steps"]) == (2, 8)
+    with pytest.raises(data.GanjiError, match="only one of them"):
+        mod.main(["--out", str(tmp_path / "new"), "--resume", "--init-from", str(tmp_path / "src.pt")])
+    res = run_cli(f"{kind}.py", *tiny_args(data_dir, tmp_path / "wide", "--init-from", str(tmp_path / "src.pt"),
+                                          "--width", "0.25", "--dry-run"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "do not fit" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(kind, data_dir, tmp_path, monkeypatch, capsys):
     mod = importlib.import_module(kind)
     mod.main(tiny_args(data_dir, tmp_path, "--epochs", "1"))

@@ -223,6 +223,10 @@ class Trainer:
         return {"net": self.net.state_dict(), "ema": None, "optimizer": self.optimizer.state_dict(),
                 "step": self.step_count}
 
+    def init_from(self, src, path):
+        """--init-from: the network starts from src's weights; Adam starts fresh."""
+        data.load_weights(self.net, sampling_weights(src), path)
+
     def load_state_dict(self, d):
         self.net.load_state_dict(d["net"])
         self.optimizer.load_state_dict(d["optimizer"])
@@ -244,6 +248,8 @@ def main(argv=None):
         trainer.load_state_dict(ckpt)
         epoch, batch, seconds = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
         data.set_rng_state(ckpt["rng"])
+    elif cfg["init_from"]:
+        trainer.init_from(data.load_checkpoint(cfg["init_from"], KIND), cfg["init_from"])
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
     if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
         os.makedirs(out, exist_ok=True)
