@@ -418,7 +418,7 @@ def open_run(parser, argv, kind):
     for k in vars(args):
         if k in saved and k not in given and k not in ("out", "resume"):
             setattr(args, k, saved[k])
-    args.commands = saved["commands"] + [command]
+    args.commands, args.trained_before = saved["commands"] + [command], saved.get("trained_before")
     return args, ckpt
 
 

@@ -109,6 +109,9 @@ def test_init_from_starts_a_new_run_from_the_sampling_weights(kind, data_dir, tm
     assert all(torch.equal(net[k], slim["sample_net"][k].float()) for k in params)
     record = sample.export(str(tmp_path / "new" / "ckpt.pt"), str(tmp_path / "new.pt"))
     assert (record["epochs"], record["steps"]) == (2, 8)
+    mod.main(["--out", str(tmp_path / "new"), "--resume", "--epochs", "2", "--data-dir", data_dir])
+    record = sample.export(str(tmp_path / "new" / "ckpt.pt"), str(tmp_path / "new.pt"))
+    assert (record["epochs"], record["steps"]) == (3, 12)  # a resumed run keeps what came before it
     with pytest.raises(data.GanjiError, match="only one of them"):
         mod.main(["--out", str(tmp_path / "new"), "--resume", "--init-from", str(tmp_path / "src.pt")])
     res = run_cli(f"{kind}.py", *tiny_args(data_dir, tmp_path / "wide", "--init-from", str(tmp_path / "src.pt"),
