@@ -387,8 +387,8 @@ def open_run(parser, argv, kind):
     checkpoint's value; a given one may differ from it only if it is a run setting (RUN_KEYS). With --init-from,
     a fresh run takes every setting not given, run settings aside, from that checkpoint's config."""
     args = parser.parse_args(argv)
-    argv_ = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", f"{kind}.py", *argv_])
+    cli_argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", f"{kind}.py", *cli_argv])
     args.out = args.out or os.path.join("runs", f"{kind}_{os.path.basename(os.path.normpath(args.dataset))}")
     path = os.path.join(args.out, "ckpt.pt")
     if not args.resume:
@@ -396,12 +396,9 @@ def open_run(parser, argv, kind):
             raise GanjiError(f"{path} exists: pass --resume to continue it, or choose another --out")
         args.commands, args.trained_before = [command], None  # every command that trained the weights
         if args.init_from:
-            src = load_checkpoint(args.init_from, kind)
-            saved, given = src["config"], given_flags(parser, argv_)
-            for k in vars(args):
-                if k in saved and k not in given and k not in RUN_KEYS and k != "init_from":
-                    setattr(args, k, saved[k])
-            args.commands, args.trained_before = saved["commands"] + [command], trained_so_far(src)
+            src = load_checkpoint(args.init_from, kind, mmap=True)  # config and counters; the script loads weights
+            take_settings(args, src["config"], given_flags(parser, cli_argv), keep=(*RUN_KEYS, "init_from"))
+            args.commands, args.trained_before = src["config"]["commands"] + [command], trained_so_far(src)
         return args, None
     if args.init_from:
         raise GanjiError("--init-from starts a new run and --resume continues one: give only one of them")
@@ -410,16 +407,21 @@ def open_run(parser, argv, kind):
     ckpt = load_checkpoint(path, kind)
     if ckpt.get("slim"):
         raise GanjiError(f"{path} is a slim sampling-only checkpoint (no optimizer, no RNG): it cannot be resumed")
-    saved, given = ckpt["config"], given_flags(parser, argv_)
+    saved, given = ckpt["config"], given_flags(parser, cli_argv)
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})"
              for k in sorted(given) if k not in RUN_KEYS and k in saved and getattr(args, k) != saved[k]]
     if clash:
         raise GanjiError("--resume continues the same run; these flags differ from it: " + ", ".join(clash))
-    for k in vars(args):
-        if k in saved and k not in given and k not in ("out", "resume"):
-            setattr(args, k, saved[k])
+    take_settings(args, saved, given, keep=("out", "resume"))
     args.commands, args.trained_before = saved["commands"] + [command], saved.get("trained_before")
     return args, ckpt
+
+
+def take_settings(args, saved, given, keep):
+    """Every setting of args not given on the command line and not in keep takes its value in the saved config."""
+    for k in vars(args):
+        if k in saved and k not in given and k not in keep:
+            setattr(args, k, saved[k])
 
 
 def data_from_args(args, progress=True):
