@@ -395,10 +395,12 @@ def open_run(parser, argv, kind):
         if os.path.exists(path):
             raise GanjiError(f"{path} exists: pass --resume to continue it, or choose another --out")
         args.commands, args.trained_before = [command], None  # every command that trained the weights
+        args.machine_before = None  # and the machines they ran on, see machines()
         if args.init_from:
             src = load_checkpoint(args.init_from, kind, mmap=True)  # config and counters; the script loads weights
             take_settings(args, src["config"], given_flags(parser, cli_argv), keep=(*RUN_KEYS, "init_from"))
             args.commands, args.trained_before = src["config"]["commands"] + [command], trained_so_far(src)
+            args.machine_before = src["record"]["machine"] if src.get("slim") else src["machine"]
         return args, None
     if args.init_from:
         raise GanjiError("--init-from starts a new run and --resume continues one: give only one of them")
@@ -414,6 +416,7 @@ def open_run(parser, argv, kind):
         raise GanjiError("--resume continues the same run; these flags differ from it: " + ", ".join(clash))
     take_settings(args, saved, given, keep=("out", "resume"))
     args.commands, args.trained_before = saved["commands"] + [command], saved.get("trained_before")
+    args.machine_before = ckpt["machine"]
     return args, ckpt
 
 
@@ -577,6 +580,17 @@ def machine(device):
         import platform
         name = platform.processor() or platform.machine()
     return f"{world}{name}, {os.cpu_count()} CPU cores" + (" (mps)" if device.type == "mps" else "")
+
+
+def machines(*names):
+    """The distinct machines in names ('A' or 'A; B' strings, or None), in order, joined by '; '. A checkpoint's
+    machine is machines(config's machine_before, this one): every machine that trained its weights, through
+    --resume and --init-from."""
+    seen = []
+    for m in "; ".join(n for n in names if n).split("; "):
+        if m and m not in seen:
+            seen.append(m)
+    return "; ".join(seen)
 
 
 def atomic_save(obj, path):

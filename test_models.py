@@ -92,11 +92,14 @@ def test_fresh_run_never_overwrites_and_resume_needs_a_full_checkpoint(kind, dat
 @pytest.mark.parametrize("kind", KINDS)
 def test_init_from_starts_a_new_run_from_the_sampling_weights(kind, data_dir, tmp_path):
     """A fresh run from a slim file: its weights, its settings where none are given, fresh counters and optimizer;
-    the record adds up both runs. With --lr 0 the weights must come through the run untouched."""
+    the record adds up both runs and names both machines. With --lr 0 the weights come through untouched."""
     mod = importlib.import_module(kind)
     mod.main(tiny_args(data_dir, tmp_path / "src", "--epochs", "1", "--seed", "3"))
     sample.export(str(tmp_path / "src" / "ckpt.pt"), str(tmp_path / "src.pt"))
     slim = saved(tmp_path / "src.pt")
+    slim["record"]["machine"] = "Other CPU, 8 CPU cores"  # as if the source had trained elsewhere
+    data.atomic_save(slim, str(tmp_path / "src.pt"))
+    both = f"Other CPU, 8 CPU cores; {data.machine(torch.device('cpu'))}"
     mod.main(tiny_args(data_dir, tmp_path / "new", "--init-from", str(tmp_path / "src.pt"), "--lr", "0",
                        "--epochs", "1"))
     new = saved(tmp_path / "new" / "ckpt.pt")
@@ -108,10 +111,10 @@ def test_init_from_starts_a_new_run_from_the_sampling_weights(kind, data_dir, tm
     net = new["G" if kind == "gan" else "net"]
     assert all(torch.equal(net[k], slim["sample_net"][k].float()) for k in params)
     record = sample.export(str(tmp_path / "new" / "ckpt.pt"), str(tmp_path / "new.pt"))
-    assert (record["epochs"], record["steps"]) == (2, 8)
+    assert (record["epochs"], record["steps"], record["machine"]) == (2, 8, both)
     mod.main(["--out", str(tmp_path / "new"), "--resume", "--epochs", "2", "--data-dir", data_dir])
     record = sample.export(str(tmp_path / "new" / "ckpt.pt"), str(tmp_path / "new.pt"))
-    assert (record["epochs"], record["steps"]) == (3, 12)  # a resumed run keeps what came before it
+    assert (record["epochs"], record["steps"], record["machine"]) == (3, 12, both)  # a resume keeps what came before
     with pytest.raises(data.GanjiError, match="only one of them"):
         mod.main(["--out", str(tmp_path / "new"), "--resume", "--init-from", str(tmp_path / "src.pt")])
     res = run_cli(f"{kind}.py", *tiny_args(data_dir, tmp_path / "wide", "--init-from", str(tmp_path / "src.pt"),

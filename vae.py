@@ -340,7 +340,8 @@ def save_checkpoint(path, trainer, epoch, batch, train_seconds):
     """The self-describing checkpoint. epoch: completed epochs; batch: batches done in the epoch under way."""
     data.atomic_save({"kind": KIND, "version": data.FORMAT_VERSION, "config": trainer.cfg, **trainer.state_dict(),
                       "epoch": epoch, "batch": batch, "train_seconds": train_seconds,
-                      "machine": data.machine(trainer.device), "rng": data.rng_state()}, path)
+                      "machine": data.machines(trainer.cfg.get("machine_before"), data.machine(trainer.device)),
+                      "rng": data.rng_state()}, path)
 
 
 def load(path, device="cpu"):
