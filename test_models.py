@@ -63,7 +63,8 @@ def test_bare_resume_keeps_every_setting_and_given_run_settings_win(kind, data_d
     mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir])  # nothing to do: 1 of 1 epochs
     mod.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--epochs", "2", "--log-every", "3"])
     second = saved(tmp_path / "ckpt.pt")["config"]
-    VARY = ("epochs", "log_every", "commands", "total_steps", "resume", "machine_before")  # given now, or following
+    # given now, or following from them (machine_before: the machine the run resumed from)
+    VARY = ("epochs", "log_every", "commands", "total_steps", "resume", "machine_before")
     assert {k: v for k, v in second.items() if k not in VARY} == \
         {k: v for k, v in first.items() if k not in VARY}
     assert (second["epochs"], second["log_every"]) == (2, 3)
