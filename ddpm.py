@@ -7,7 +7,8 @@
 Training: pick a random step t, noise a clean batch in one shot with q(x_t | x_0), and teach the U-Net to
 predict v = sqrt(ab) eps - sqrt(1 - ab) x0 (or the noise eps) with an MSE loss. Sampling walks back from pure
 noise: `ancestral` is the full T-step DDPM reverse process; `ddim` (50 steps by default) and `dpm++2m` (a
-second-order solver of the same ODE, good in 8-20 steps) skip steps with the same trained network.
+second-order solver of the same ODE, good in 8-20 steps) skip steps with the same trained network, and any
+of them can be guided by a weaker checkpoint of the same run (autoguidance, Karras et al. 2024).
 The diffusion math lives in small functions below so the tests can check each against its formula.
 
 The file reads top to bottom like the other two scripts: parse -> data -> model -> step -> loop ->
@@ -506,11 +507,23 @@ def sampling_weights(ckpt):
 # ----------------------------------------------------------------------------------------------------
 # Sampling API (sample.py, the GUI, evaluate.py)
 
+def check_guide(cfg, guide_cfg):
+    """A guide must denoise the same diffusion: same image shape, noise schedule and prediction target."""
+    keys = ("image_size", "channels", "timesteps", "schedule", "pred")
+    diff = [f"{k} {guide_cfg[k]} vs {cfg[k]}" for k in keys if guide_cfg[k] != cfg[k]]
+    if diff:
+        raise data.GanjiError(f"the guide does not fit this model ({', '.join(diff)})")
+
+
 @torch.no_grad()
-def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, done=0, total=None):
+def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, done=0, total=None,
+            guide=None, guidance=1.0):
     """Run the reverse process from x = x_T (on the net's device) to x_0 in [-1, 1].
 
-    Fresh noise for stochastic steps comes from the CPU generator `gen`, drawn once per step."""
+    Fresh noise for stochastic steps comes from the CPU generator `gen`, drawn once per step.
+    guide: a weaker network of the same diffusion (check_guide), e.g. an early checkpoint of the same run, for
+    autoguidance (Karras et al. 2024): every prediction becomes guidance * net + (1 - guidance) * guide, which
+    moves samples away from where the weaker model goes wrong; guidance 1 is the net alone."""
     if sampler not in SAMPLERS:
         raise data.GanjiError(f"unknown sampler {sampler!r} ({' | '.join(SAMPLERS)})")
     sched = schedule(cfg["timesteps"], cfg["schedule"])
@@ -524,6 +537,8 @@ def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, 
         tt = torch.full((len(x),), t, device=device, dtype=torch.long)
         with data.autocast(device):
             out = net(x, tt).float()
+            if guide is not None and guidance != 1:  # x0 and eps are affine in out at fixed x_t: mixing outputs
+                out = guidance * out + (1 - guidance) * guide(x, tt).float()  # mixes the denoisers, as in the paper
         x0, eps = split_prediction(out, x, ab[t], cfg["pred"], clip=True)
         ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
         if sampler == "ancestral":
@@ -555,7 +570,8 @@ def dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab_t, ab_next):
     return ((1 - ab_next) / (1 - ab_t)) ** 0.5 * x - ab_next ** 0.5 * math.expm1(-h) * d, h
 
 
-def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0, progress=None, batch_size=256):
+def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0, progress=None, batch_size=256,
+           guide=None, guidance=1.0):
     """n images (n, C, H, W) in [0, 1] on CPU, ink bright. Same seed -> same images; global RNG untouched.
 
     Works in chunks of batch_size; the start noise of all n images is drawn first, so the deterministic
@@ -565,12 +581,13 @@ def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0,
     xT = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], generator=gen)
     per = cfg["timesteps"] if sampler == "ancestral" else len(ddim_timesteps(cfg["timesteps"], steps))
     chunks = xT.split(batch_size)
-    out = [denoise(net, cfg, x.to(device), gen, sampler, steps, eta, progress, i * per, len(chunks) * per).cpu()
-           for i, x in enumerate(chunks)]
+    out = [denoise(net, cfg, x.to(device), gen, sampler, steps, eta, progress, i * per, len(chunks) * per,
+                   guide, guidance).cpu() for i, x in enumerate(chunks)]
     return data.denormalize(torch.cat(out), NORM)
 
 
-def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", steps=50, progress=None):
+def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", steps=50, progress=None,
+                guide=None, guidance=1.0):
     """(rows * frames, C, H, W) in [0, 1]: each row morphs between two start noises, decoded with a
     deterministic sampler (ddim with eta 0, or dpm++2m)."""
     if sampler == "ancestral":
@@ -579,7 +596,7 @@ def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", st
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
     z0, z1 = torch.randn(rows, 2, math.prod(shape), generator=gen).unbind(1)  # each (rows, C*H*W)
     xT = data.latent_morph(z0, z1, frames).view(rows * frames, *shape)
-    x = denoise(net, cfg, xT.to(device), gen, sampler, steps, 0.0, progress)
+    x = denoise(net, cfg, xT.to(device), gen, sampler, steps, 0.0, progress, guide=guide, guidance=guidance)
     return data.denormalize(x.cpu(), NORM)
 
 

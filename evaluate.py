@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import sample
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kanji_features.pt")
 FEATURES_VERSION = 1  # bump when kanji_features.pt changes meaning: numbers of two versions do not compare
@@ -451,15 +452,16 @@ def load_images(path, size):
     return 255 - x if x.float().mean() > 127.5 else x
 
 
-def sample_checkpoint(kind, path, n, seed, device, batch_size, **sampler):
+def sample_checkpoint(kind, path, n, seed, device, batch_size, guide=None, guidance=None, **sampler):
     """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind. sampler: the DDPM's sampler
-    and steps (default: ddpm.sample's), the VAE's prior (default: the run's)."""
-    import sample
+    and steps (default: ddpm.sample's), the VAE's prior (default: the run's); guide: a DDPM's guide checkpoint
+    (sample.py --guide)."""
     from tqdm import tqdm
 
     mod, net, cfg = sample.load_any(kind, path, device)
     if cfg.get("dataset", "kanji") != "kanji":
         raise data.GanjiError(f"{path} was trained on {cfg.get('dataset')}; the feature network knows only kanji")
+    sampler.update(sample.load_guide(guide, guidance, mod, cfg, device))
     out = []
     for b, i in enumerate(tqdm(range(0, n, batch_size), desc=f"sampling {mod.KIND}", leave=False)):
         # one seed per batch, derived from --seed: the same n and seed give the same samples
@@ -510,8 +512,9 @@ def calibrate(args, ref, ds, net):
     return results
 
 
-def write_record(path, m, sampler):
-    """Put the figures into a slim file's record, so that `sample.py info` and the window show them."""
+def write_record(path, m, sampler, guide=None, guidance=None):
+    """Put the figures into a slim file's record, so that `sample.py info` and the window show them; with a
+    DDPM's guide, also that guide (its path relative to the file's folder) and weight, which the window uses."""
     ckpt = data.load_checkpoint(path)
     if not ckpt.get("slim"):
         raise data.GanjiError(f"--record writes into slim files only; make one with: "
@@ -519,6 +522,8 @@ def write_record(path, m, sampler):
     keys = ("n", "fid", "kid", "precision", "recall", "near_copy_rate", "gray_share", "reference_gray_share")
     ckpt["record"]["evaluate"] = {**{k: m[k] for k in keys},
                                   "sampler": sampler, "date": time.strftime("%Y-%m-%d")}
+    ckpt["record"]["guide"] = None if guide is None else \
+        {"file": os.path.relpath(guide, os.path.dirname(os.path.abspath(path))), "guidance": guidance}
     data.atomic_save(ckpt, path)
     print(f"wrote the figures into {path}'s record")
 
@@ -548,6 +553,7 @@ def get_parser():
     p.add_argument("--steps", type=int, default=None, help="DDPM sampler steps (default: ddpm.py's, 50)")
     p.add_argument("--prior", default=None, choices=("normal", "gmm"),
                    help="VAE latents: N(0, I) or its fitted mixture (default: the run's --prior)")
+    sample.add_guide_args(p)
     p.add_argument("--record", action="store_true",
                    help="also write the figures into the slim file's record (pretrained/*.pt)")
     p.add_argument("--images", default=None, metavar="DIR_OR_FILE",
@@ -613,8 +619,9 @@ def main(argv=None):
         sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("prior", args.prior))
                    if v is not None}
         images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size,
-                                              **sampler)
-        how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, ",
+                                              args.guide, args.guidance, **sampler)
+        guided = f"guided by {args.guide} (guidance {args.guidance or sample.GUIDANCE}), " if args.guide else ""
+        how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, {guided}",
                "vae": f"{args.prior or cfg.get('prior', 'normal')} prior, ", "gan": ""}[kind]
         source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
     size = args.image_size or cfg.get("image_size") or 64
@@ -639,7 +646,7 @@ def main(argv=None):
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
         if args.record:
-            write_record(args.ckpt, m, how.rstrip(", ") or None)
+            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, args.guidance or sample.GUIDANCE)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"features": feature_note, "results": results}, f, indent=2)

@@ -314,6 +314,51 @@ class Mixture(torch.nn.Module):
         return (eps if self.pred == "eps" else ddpm.v_target(x0, eps, ab)).float()
 
 
+class Constant(torch.nn.Module):
+    """A "network" whose prediction is the same number everywhere."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t):
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("pred", ["eps", "v"])
+def test_autoguidance_mixes_the_predictions_by_hand(pred):
+    """One DDIM step from x_T lands on the x0 of the mixed prediction w * net + (1 - w) * guide (Karras et al.
+    2024), clamped to [-1, 1]: by hand for constant predictions 0.3 (net) and -0.5 (guide), w = 2.5."""
+    cfg = tiny_cfg(timesteps=100, pred=pred, image_size=4)
+    ab = ddpm.schedule(100, cfg["schedule"])["alpha_bar"][-1].item()
+    xT = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(4))  # sample()'s start noise for seed 4
+    out = 2.5 * 0.3 + (1 - 2.5) * -0.5
+    x0 = (xT - (1 - ab) ** 0.5 * out) / ab ** 0.5 if pred == "eps" else ab ** 0.5 * xT - (1 - ab) ** 0.5 * out
+    got = ddpm.sample(Constant(0.3), cfg, 3, seed=4, steps=1, guide=Constant(-0.5), guidance=2.5)
+    torch.testing.assert_close(got, (x0.clamp(-1, 1) + 1) / 2, rtol=0, atol=1e-6)
+    unguided = ddpm.sample(Constant(0.3), cfg, 3, seed=4, steps=1)
+    assert torch.equal(ddpm.sample(Constant(0.3), cfg, 3, seed=4, steps=1, guide=Constant(-0.5), guidance=1.0),
+                       unguided)
+    assert (got - unguided).abs().max() > 0.01
+
+
+def test_a_model_guided_by_itself_samples_as_unguided():
+    """w D + (1 - w) D = D: the exact denoiser guided by itself ends on its image for any weight."""
+    cfg = tiny_cfg(timesteps=200, schedule="cosine", pred="v", image_size=8)
+    target = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
+    net = Oracle(cfg, target)
+    for kw in (dict(sampler="dpm++2m", steps=10), dict(steps=5)):
+        x = ddpm.sample(net, cfg, 2, seed=1, guide=net, guidance=3.0, **kw)
+        torch.testing.assert_close(x, ((target + 1) / 2).expand(2, -1, -1, -1), rtol=0, atol=1 / 255, msg=str(kw))
+
+
+def test_check_guide_names_what_differs():
+    cfg = tiny_cfg()
+    ddpm.check_guide(cfg, {**cfg, "width": 0.5, "epochs": 3})  # capacity and training may differ
+    with pytest.raises(ddpm.data.GanjiError, match="image_size 64 vs 32, pred eps vs v"):
+        ddpm.check_guide({**cfg, "pred": "v"}, {**cfg, "image_size": 64, "pred": "eps"})
+
+
 def test_interpolate_shape_and_ends():
     cfg = tiny_cfg(timesteps=50)
     net = randomized_net(cfg)

@@ -272,3 +272,24 @@ def test_cli_checkpoint(data_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     r = json.load(open(tmp_path / "r.json"))["results"]
     assert r["n"] == 20 and r["reference"].endswith("32px first 200") and r["source"].startswith("vae ")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "ddpm.py")), reason="needs ddpm.py")
+def test_cli_record_with_a_guide(data_dir, tmp_path):
+    """--record writes the figures, the sampler and the guide (relative to the slim file) into its record."""
+    import sample
+    run = tmp_path / "ddpm"
+    out = run_cli("ddpm.py", "--dry-run", "--width", "0.125", "--image-size", "32", "--limit", "64",
+                  "--batch-size", "16", "--data-dir", data_dir, "--out", str(run))
+    assert out.returncode == 0, out.stderr
+    slim, guide = tmp_path / "pre" / "slim.pt", tmp_path / "pre" / "guide.pt"
+    slim.parent.mkdir()
+    for path in (slim, guide):
+        sample.export(str(run / "ckpt.pt"), str(path))
+    out = run_cli("evaluate.py", "ddpm", str(slim), "--n", "20", "--batch-size", "10", "--limit", "200", "--steps", "3",
+                  "--guide", str(guide), "--guidance", "1.5", "--record", "--data-dir", data_dir, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    r = data.load_checkpoint(str(slim))["record"]
+    assert r["guide"] == {"file": "guide.pt", "guidance": 1.5} and r["evaluate"]["n"] == 20
+    assert r["evaluate"]["sampler"] == f"ddim 3 steps, guided by {guide} (guidance 1.5)"
+    assert sample.recorded_guide(str(slim)) == (str(guide), 1.5)

@@ -11,6 +11,7 @@ import sample
 from conftest import run_cli, tiny_args
 
 PRETRAINED = {kind: os.path.join(sample.PRETRAINED, f"{kind}_kanji.pt") for kind in data.KINDS}
+GUIDE = os.path.join(sample.PRETRAINED, "ddpm_kanji_guide.pt")  # the pretrained DDPM's autoguidance partner
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,37 @@ def test_sample_py_ddpm_equals_direct_call(ckpts, tmp_path):
     direct = ddpm.sample(net, cfg, 16, seed=3, device="cpu", sampler="ddim", steps=4, eta=0.5)
     data.save_grid(direct, tmp_path / "direct.png", cfg["display_invert"], nrow=4)
     assert out.read_bytes() == (tmp_path / "direct.png").read_bytes()
+
+
+def test_sample_py_guide_equals_direct_call(ckpts, tmp_path):
+    """--guide CKPT --guidance W draws what ddpm.sample draws with that guide network; another guide, other images."""
+    import ddpm
+    ck = torch.load(ckpts["ddpm"], weights_only=True)
+    ck["ema"] = {k: v * 0.9 if v.is_floating_point() else v for k, v in ck["ema"].items()}
+    guide_path = str(tmp_path / "guide.pt")
+    torch.save(ck, guide_path)
+    out = tmp_path / "via_cli.png"
+    sample.main(["ddpm", ckpts["ddpm"], "--seed", "3", "--sampler", "dpm++2m", "--steps", "4", "--guide", guide_path,
+                 "--guidance", "3", "--out", str(out)])
+    (net, cfg), (guide, _) = ddpm.load(ckpts["ddpm"]), ddpm.load(guide_path)
+    for name, kw in (("direct", {"guide": guide, "guidance": 3.0}), ("unguided", {})):
+        x = ddpm.sample(net, cfg, 16, seed=3, sampler="dpm++2m", steps=4, **kw)
+        data.save_grid(x, tmp_path / f"{name}.png", cfg["display_invert"], nrow=4)
+    assert out.read_bytes() == (tmp_path / "direct.png").read_bytes()
+    assert out.read_bytes() != (tmp_path / "unguided.png").read_bytes()
+
+
+def test_bad_guide_flags_one_line_exit_2(ckpts, tmp_path):
+    for args, message in (
+            (("ddpm", ckpts["ddpm"], "--guidance", "2"), "--guidance needs --guide"),
+            (("gan", ckpts["gan"], "--guide", ckpts["ddpm"]), "guides DDPM checkpoints only, not a gan"),
+            (("ddpm", ckpts["ddpm"], "--guide", ckpts["ddpm"], "--guidance", "0.5"), "must be at least 1"),
+            (("ddpm", ckpts["ddpm"], "--guide", PRETRAINED["ddpm"]), "does not fit this model (image_size 64 vs 32"),
+            (("ddpm", ckpts["ddpm"], "--guide", ckpts["vae"]), "is a vae checkpoint, not ddpm")):
+        res = run_cli("sample.py", *args, "--steps", "2", "--out", str(tmp_path / "x.png"))
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 def _bad_inputs(ckpts, tmp_path):
@@ -138,10 +170,10 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
     root = tk.Tk()
     try:
         app = tkinter_gui.App(root, runs)
-        # the three pretrained models first, the pretrained DDPM selected, then the runs
-        assert app.paths[:3] == sorted(PRETRAINED.values()) and len(app.paths) == 6
+        # the pretrained files first (the three models and the DDPM's guide), the pretrained DDPM selected, then the runs
+        assert app.paths[:4] == sorted([*PRETRAINED.values(), GUIDE]) and len(app.paths) == 7
         assert app.paths[app.listbox.curselection()[0]] == PRETRAINED["ddpm"]
-        assert "FID" in app.record.get() and "trained:" in app.record.get()
+        assert "FID" in app.record.get() and "trained:" in app.record.get() and "guide:" in app.record.get()
         assert (app.sampler.get(), app.steps.get()) == (tkinter_gui.SAMPLER, tkinter_gui.STEPS)
         for kind in ("gan", "vae", "ddpm"):  # each pretrained model, with the window's default settings
             app.select(PRETRAINED[kind])
@@ -149,6 +181,7 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
             assert app.busy
             _wait(root, app)
             assert app.status.get().startswith(f"Showing {kind}"), app.status.get()
+            assert ("guided by ddpm_kanji_guide.pt" in app.status.get()) == (kind == "ddpm")  # as its record says
             shown = Image.open(io.BytesIO(app.png)).convert("L")
             assert shown.width >= 256
             hist = shown.histogram()
@@ -165,6 +198,7 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
         app.generate_button.invoke()
         _wait(root, app)
         assert app.status.get().startswith("Showing ddpm") and "training checkpoint" in app.record.get()
+        assert "guided" not in app.status.get()  # a training checkpoint names no guide
         app.select(ckpts["vae"])
         app.morph_button.invoke()
         _wait(root, app)
@@ -225,6 +259,17 @@ def test_pretrained_files_load_sample_and_carry_their_record(kind, tmp_path):
     assert res.returncode == 0, res.stderr
     from PIL import Image
     assert Image.open(grid).size == (8 * 66 + 2,) * 2  # 8x8 grid of 64 px, 2 px padding
+
+
+def test_the_pretrained_ddpm_names_its_guide_and_the_guide_fits():
+    import ddpm
+    path, guidance = sample.recorded_guide(PRETRAINED["ddpm"])
+    assert path == GUIDE and guidance >= 1 and os.path.getsize(GUIDE) <= 5_000_000
+    assert "guided by" in data.load_checkpoint(PRETRAINED["ddpm"])["record"]["evaluate"]["sampler"]
+    (_, cfg), (guide, guide_cfg) = ddpm.load(PRETRAINED["ddpm"]), ddpm.load(GUIDE)
+    ddpm.check_guide(cfg, guide_cfg)
+    epochs = lambda p: data.load_checkpoint(p)["record"]["epochs"]
+    assert epochs(GUIDE) < epochs(PRETRAINED["ddpm"])  # a weaker model: trained for less
 
 
 def test_sample_py_with_no_arguments_draws_from_the_pretrained_ddpm(tmp_path):

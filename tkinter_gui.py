@@ -73,6 +73,12 @@ class App:
                      state="readonly").grid(row=1, column=1, sticky="w")
         ttk.Label(opts, text="DDPM steps").grid(row=2, column=0, sticky="w")
         ttk.Spinbox(opts, from_=1, to=1000, textvariable=self.steps, width=10).grid(row=2, column=1, sticky="w")
+        self.guided = tk.BooleanVar(value=True)  # autoguidance by the guide a DDPM's record names
+        self.guidance = tk.DoubleVar(value=sample.GUIDANCE)
+        ttk.Checkbutton(opts, text="DDPM guide", variable=self.guided).grid(row=3, column=0, sticky="w")
+        ttk.Spinbox(opts, from_=1, to=10, increment=0.25, textvariable=self.guidance, width=10).grid(
+            row=3, column=1, sticky="w")
+        ttk.Label(opts, text="(if its record names one)").grid(row=3, column=2, sticky="w")
 
         buttons = ttk.Frame(left)
         buttons.pack(fill="x", pady=4)
@@ -103,7 +109,9 @@ class App:
         """Load a model, run one step on a grid's worth of images and draw it (importing torchvision's grid code
         takes seconds): the first "Generate Kanji" is then as fast as the next."""
         try:
-            self.models[path] = mod, net, cfg = sample.load_any("auto", path, self.device)
+            mod, net, cfg = self.load("auto", path)
+            if sample.recorded_guide(path)[0]:
+                self.load("ddpm", sample.recorded_guide(path)[0])
             self.to_png(sample.generate(mod, net, cfg, 16, 4, 0, self.device, sampler=SAMPLER, steps=1),
                         cfg["display_invert"])
         except Exception:
@@ -124,6 +132,9 @@ class App:
         sel = self.listbox.curselection()
         try:
             self.record.set(sample.describe(self.paths[sel[0]]) if sel else "")
+            guidance = sample.recorded_guide(self.paths[sel[0]])[1] if sel else None
+            if guidance is not None:
+                self.guidance.set(guidance)
         except data.GanjiError as e:
             self.record.set(str(e))
 
@@ -158,30 +169,45 @@ class App:
             return
         try:
             seed, steps = int(self.seed.get()), int(self.steps.get())
+            guidance = float(self.guidance.get()) if self.guided.get() else 1.0
         except (tk.TclError, ValueError):
-            self.status.set("Seed and steps must be whole numbers.")
+            self.status.set("Seed and steps must be whole numbers, the guidance a number.")
+            return
+        if guidance < 1:
+            self.status.set("The guidance must be at least 1 (1 = unguided).")
             return
         self.busy = True
         self.progress["value"] = 0
         self.status.set("Generating..." if not morph else "Morphing...")
-        args = (self.paths[sel[0]], seed, self.sampler.get(), max(1, steps), morph)
+        args = (self.paths[sel[0]], seed, self.sampler.get(), max(1, steps), morph, guidance)
         threading.Thread(target=self.work, args=args, daemon=True).start()
 
-    def work(self, path, seed, sampler, steps, morph):
+    def load(self, kind, path):
+        if path not in self.models:
+            self.models[path] = sample.load_any(kind, path, self.device)
+        return self.models[path]
+
+    def work(self, path, seed, sampler, steps, morph, guidance):
         try:
-            if path not in self.models:
-                self.models[path] = sample.load_any("auto", path, self.device)
-            mod, net, cfg = self.models[path]
+            mod, net, cfg = self.load("auto", path)
+            guide_path = sample.recorded_guide(path)[0] if mod.KIND == "ddpm" and guidance > 1 else None
+            guided = {}
+            if guide_path:
+                _, guide, guide_cfg = self.load("ddpm", guide_path)
+                mod.check_guide(cfg, guide_cfg)
+                guided = {"guide": guide, "guidance": guidance}
             progress = lambda i, total: self.jobs.put(("progress", i + 1, total))
             if morph:  # 16 cells, each morphing through 12 frames
                 x = sample.generate(mod, net, cfg, 16 * 12, 12, seed, self.device, True, progress,
-                                    sampler="ddim" if sampler == "ancestral" else sampler, steps=min(steps, 20))
+                                    sampler="ddim" if sampler == "ancestral" else sampler, steps=min(steps, 20),
+                                    **guided)
                 frames = [x.view(16, 12, *x.shape[1:])[:, k] for k in range(12)]
             else:
                 frames = [sample.generate(mod, net, cfg, 16, 4, seed, self.device, False, progress,
-                                          sampler=sampler, steps=steps, eta=0.0)]
+                                          sampler=sampler, steps=steps, eta=0.0, **guided)]
             pngs = [self.to_png(f, cfg["display_invert"]) for f in frames]
-            self.jobs.put(("done", pngs, f"{mod.KIND} from {path}, seed {seed}"))
+            how = f", guided by {os.path.basename(guide_path)} ({guidance:g})" if guided else ""
+            self.jobs.put(("done", pngs, f"{mod.KIND} from {path}, seed {seed}{how}"))
         except data.GanjiError as e:
             self.jobs.put(("error", str(e)))
         except Exception as e:  # shown in the window, never a crash
