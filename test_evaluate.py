@@ -10,12 +10,7 @@ from torchvision.utils import save_image
 
 import data
 import evaluate
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+from conftest import HERE, run_cli, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +259,7 @@ def test_train_features_tiny(data_dir, tmp_path):
 def test_cli_checkpoint(data_dir, tmp_path):
     """Samples of a (barely trained) 32 px VAE, measured against the 32 px kanji of its config."""
     run = tmp_path / "vae"
-    out = run_cli("vae.py", "--dry-run", "--width", "0.125", "--image-size", "32", "--limit", "64",
-                  "--batch-size", "16", "--data-dir", data_dir, "--out", str(run))
+    out = run_cli("vae.py", *tiny_args(data_dir, run, "--dry-run"))
     assert out.returncode == 0, out.stderr
     out = run_cli("evaluate.py", "vae", str(run / "ckpt.pt"), "--n", "20", "--batch-size", "8", "--limit", "200",
                   "--data-dir", data_dir, "--json", str(tmp_path / "r.json"), "--device", "cpu")
@@ -279,8 +273,7 @@ def test_cli_record_with_a_guide(data_dir, tmp_path):
     """--record writes the figures, the sampler and the guide (relative to the slim file) into its record."""
     import sample
     run = tmp_path / "ddpm"
-    out = run_cli("ddpm.py", "--dry-run", "--width", "0.125", "--image-size", "32", "--limit", "64",
-                  "--batch-size", "16", "--data-dir", data_dir, "--out", str(run))
+    out = run_cli("ddpm.py", *tiny_args(data_dir, run, "--dry-run"))
     assert out.returncode == 0, out.stderr
     slim, guide = tmp_path / "pre" / "slim.pt", tmp_path / "pre" / "guide.pt"
     slim.parent.mkdir()
