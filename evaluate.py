@@ -620,7 +620,8 @@ def main(argv=None):
                    if v is not None}
         images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size,
                                               args.guide, args.guidance, **sampler)
-        guided = f"guided by {args.guide} (guidance {args.guidance or sample.GUIDANCE}), " if args.guide else ""
+        guidance = sample.GUIDANCE if args.guidance is None else args.guidance
+        guided = f"guided by {args.guide} (guidance {guidance}), " if args.guide else ""
         how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, {guided}",
                "vae": f"{args.prior or cfg.get('prior', 'normal')} prior, ", "gan": ""}[kind]
         source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
@@ -646,7 +647,7 @@ def main(argv=None):
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
         if args.record:
-            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, args.guidance or sample.GUIDANCE)
+            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, guidance)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"features": feature_note, "results": results}, f, indent=2)

@@ -68,9 +68,10 @@ def recorded_guide(path):
     return (os.path.join(os.path.dirname(os.path.abspath(path)), g["file"]), g["guidance"]) if g else (None, None)
 
 
-def load_guide(path, guidance, mod, cfg, device="cpu"):
+def load_guide(path, guidance, mod, cfg, device="cpu", load=None):
     """--guide and --guidance for a loaded model (mod, cfg) -> generate()'s {"guide": network, "guidance": w},
-    or {} when there is no guide."""
+    or {} when there is no guide. load(kind, path) -> (module, network, config) loads the guide (default:
+    load_any on device; the window passes its cache)."""
     if path is None:
         if guidance is not None:
             raise data.GanjiError("--guidance needs --guide CKPT, the weaker model that guides")
@@ -80,7 +81,7 @@ def load_guide(path, guidance, mod, cfg, device="cpu"):
     guidance = GUIDANCE if guidance is None else guidance
     if guidance < 1:
         raise data.GanjiError(f"--guidance must be at least 1 (1 = unguided), got {guidance}")
-    _, guide, guide_cfg = load_any("ddpm", path, device)
+    _, guide, guide_cfg = (load or (lambda kind, p: load_any(kind, p, device)))("ddpm", path)
     mod.check_guide(cfg, guide_cfg)
     return {"guide": guide, "guidance": guidance}
 

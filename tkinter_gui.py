@@ -110,8 +110,9 @@ class App:
         takes seconds): the first "Generate Kanji" is then as fast as the next."""
         try:
             mod, net, cfg = self.load("auto", path)
-            if sample.recorded_guide(path)[0]:
-                self.load("ddpm", sample.recorded_guide(path)[0])
+            guide_path = sample.recorded_guide(path)[0]
+            if guide_path:
+                self.load("ddpm", guide_path)
             self.to_png(sample.generate(mod, net, cfg, 16, 4, 0, self.device, sampler=SAMPLER, steps=1),
                         cfg["display_invert"])
         except Exception:
@@ -191,11 +192,7 @@ class App:
         try:
             mod, net, cfg = self.load("auto", path)
             guide_path = sample.recorded_guide(path)[0] if mod.KIND == "ddpm" and guidance > 1 else None
-            guided = {}
-            if guide_path:
-                _, guide, guide_cfg = self.load("ddpm", guide_path)
-                mod.check_guide(cfg, guide_cfg)
-                guided = {"guide": guide, "guidance": guidance}
+            guided = sample.load_guide(guide_path, guidance, mod, cfg, load=self.load) if guide_path else {}
             progress = lambda i, total: self.jobs.put(("progress", i + 1, total))
             if morph:  # 16 cells, each morphing through 12 frames
                 x = sample.generate(mod, net, cfg, 16 * 12, 12, seed, self.device, True, progress,
