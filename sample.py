@@ -81,7 +81,8 @@ def load_guide(path, guidance, mod, cfg, device="cpu", load=None):
     guidance = GUIDANCE if guidance is None else guidance
     if guidance < 1:
         raise data.GanjiError(f"--guidance must be at least 1 (1 = unguided), got {guidance}")
-    _, guide, guide_cfg = (load or (lambda kind, p: load_any(kind, p, device)))("ddpm", path)
+    load = load or (lambda kind, p: load_any(kind, p, device))
+    _, guide, guide_cfg = load("ddpm", path)
     mod.check_guide(cfg, guide_cfg)
     return {"guide": guide, "guidance": guidance}
 
