@@ -517,13 +517,15 @@ def check_guide(cfg, guide_cfg):
 
 @torch.no_grad()
 def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, done=0, total=None,
-            guide=None, guidance=1.0):
+            guide=None, guidance=1.0, guide_min_t=0):
     """Run the reverse process from x = x_T (on the net's device) to x_0 in [-1, 1].
 
     Fresh noise for stochastic steps comes from the CPU generator `gen`, drawn once per step.
     guide: a weaker network of the same diffusion (check_guide), e.g. an early checkpoint of the same run, for
     autoguidance (Karras et al. 2024): every prediction becomes guidance * net + (1 - guidance) * guide, which
-    moves samples away from where the weaker model goes wrong; guidance 1 is the net alone."""
+    moves samples away from where the weaker model goes wrong; guidance 1 is the net alone. guide_min_t: guide
+    only the steps at t >= guide_min_t, the noisier part of the path, where the layout of a glyph is decided (a
+    guidance interval, Kynkäänniemi et al. 2024); 0 guides every step."""
     if sampler not in SAMPLERS:
         raise data.GanjiError(f"unknown sampler {sampler!r} ({' | '.join(SAMPLERS)})")
     sched = schedule(cfg["timesteps"], cfg["schedule"])
@@ -537,8 +539,9 @@ def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, 
         tt = torch.full((len(x),), t, device=device, dtype=torch.long)
         with data.autocast(device):
             out = net(x, tt).float()
-            if guide is not None and guidance != 1:  # x0 and eps are affine in out at fixed x_t: mixing outputs
-                out = guidance * out + (1 - guidance) * guide(x, tt).float()  # mixes the denoisers, as in the paper
+            # x0 and eps are affine in out at fixed x_t, so mixing outputs mixes the denoisers, as in the paper
+            if guide is not None and guidance != 1 and t >= guide_min_t:
+                out = guidance * out + (1 - guidance) * guide(x, tt).float()
         x0, eps = split_prediction(out, x, ab[t], cfg["pred"], clip=True)
         ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
         if sampler == "ancestral":
@@ -571,7 +574,7 @@ def dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab_t, ab_next):
 
 
 def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0, progress=None, batch_size=256,
-           guide=None, guidance=1.0):
+           guide=None, guidance=1.0, guide_min_t=0):
     """n images (n, C, H, W) in [0, 1] on CPU, ink bright. Same seed -> same images; global RNG untouched.
 
     Works in chunks of batch_size; the start noise of all n images is drawn first, so the deterministic
@@ -582,12 +585,12 @@ def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0,
     per = cfg["timesteps"] if sampler == "ancestral" else len(ddim_timesteps(cfg["timesteps"], steps))
     chunks = xT.split(batch_size)
     out = [denoise(net, cfg, x.to(device), gen, sampler, steps, eta, progress, i * per, len(chunks) * per,
-                   guide, guidance).cpu() for i, x in enumerate(chunks)]
+                   guide, guidance, guide_min_t).cpu() for i, x in enumerate(chunks)]
     return data.denormalize(torch.cat(out), NORM)
 
 
 def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", steps=50, progress=None,
-                guide=None, guidance=1.0):
+                guide=None, guidance=1.0, guide_min_t=0):
     """(rows * frames, C, H, W) in [0, 1]: each row morphs between two start noises, decoded with a
     deterministic sampler (ddim with eta 0, or dpm++2m)."""
     if sampler == "ancestral":
@@ -596,7 +599,8 @@ def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", st
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
     z0, z1 = torch.randn(rows, 2, math.prod(shape), generator=gen).unbind(1)  # each (rows, C*H*W)
     xT = data.latent_morph(z0, z1, frames).view(rows * frames, *shape)
-    x = denoise(net, cfg, xT.to(device), gen, sampler, steps, 0.0, progress, guide=guide, guidance=guidance)
+    x = denoise(net, cfg, xT.to(device), gen, sampler, steps, 0.0, progress, guide=guide, guidance=guidance,
+                guide_min_t=guide_min_t)
     return data.denormalize(x.cpu(), NORM)
 
 

@@ -452,16 +452,17 @@ def load_images(path, size):
     return 255 - x if x.float().mean() > 127.5 else x
 
 
-def sample_checkpoint(kind, path, n, seed, device, batch_size, guide=None, guidance=None, **sampler):
+def sample_checkpoint(kind, path, n, seed, device, batch_size, guide=None, guidance=None, guide_min_t=None,
+                      **sampler):
     """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind. sampler: the DDPM's sampler
     and steps (default: ddpm.sample's), the VAE's prior (default: the run's); guide: a DDPM's guide checkpoint
-    (sample.py --guide)."""
+    (sample.py --guide, --guidance, --guide-min-t)."""
     from tqdm import tqdm
 
     mod, net, cfg = sample.load_any(kind, path, device)
     if cfg.get("dataset", "kanji") != "kanji":
         raise data.GanjiError(f"{path} was trained on {cfg.get('dataset')}; the feature network knows only kanji")
-    sampler.update(sample.load_guide(guide, guidance, mod, cfg, device))
+    sampler.update(sample.load_guide(guide, guidance, mod, cfg, device, min_t=guide_min_t))
     out = []
     for b, i in enumerate(tqdm(range(0, n, batch_size), desc=f"sampling {mod.KIND}", leave=False)):
         # one seed per batch, derived from --seed: the same n and seed give the same samples
@@ -512,9 +513,10 @@ def calibrate(args, ref, ds, net):
     return results
 
 
-def write_record(path, m, sampler, guide=None, guidance=None):
+def write_record(path, m, sampler, guide=None, guidance=None, guide_min_t=0):
     """Put the figures into a slim file's record, so that `sample.py info` and the window show them; with a
-    DDPM's guide, also that guide (its path relative to the file's folder) and weight, which the window uses."""
+    DDPM's guide, also that guide (its path relative to the file's folder), weight and least guided t, which the
+    window uses."""
     ckpt = data.load_checkpoint(path)
     if not ckpt.get("slim"):
         raise data.GanjiError(f"--record writes into slim files only; make one with: "
@@ -523,7 +525,8 @@ def write_record(path, m, sampler, guide=None, guidance=None):
     ckpt["record"]["evaluate"] = {**{k: m[k] for k in keys},
                                   "sampler": sampler, "date": time.strftime("%Y-%m-%d")}
     ckpt["record"]["guide"] = None if guide is None else \
-        {"file": os.path.relpath(guide, os.path.dirname(os.path.abspath(path))), "guidance": guidance}
+        {"file": os.path.relpath(guide, os.path.dirname(os.path.abspath(path))), "guidance": guidance,
+         "min_t": guide_min_t}
     data.atomic_save(ckpt, path)
     print(f"wrote the figures into {path}'s record")
 
@@ -619,9 +622,11 @@ def main(argv=None):
         sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("prior", args.prior))
                    if v is not None}
         images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size,
-                                              args.guide, args.guidance, **sampler)
+                                              args.guide, args.guidance, args.guide_min_t, **sampler)
         guidance = sample.GUIDANCE if args.guidance is None else args.guidance
-        guided = f"guided by {args.guide} (guidance {guidance}), " if args.guide else ""
+        min_t = args.guide_min_t or 0
+        guided = f"guided by {args.guide} (guidance {guidance}{f', t >= {min_t}' if min_t else ''}), " \
+            if args.guide else ""
         how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, {guided}",
                "vae": f"{args.prior or cfg.get('prior', 'normal')} prior, ", "gan": ""}[kind]
         source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
@@ -647,7 +652,7 @@ def main(argv=None):
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
         if args.record:
-            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, guidance)
+            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, guidance, min_t)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"features": feature_note, "results": results}, f, indent=2)

@@ -40,9 +40,10 @@ def load_any(kind, path, device="cpu"):
 def generate(mod, net, cfg, n=16, nrow=4, seed=0, device="cpu", interpolate=False, progress=None, **sampler):
     """[0, 1] images, ink bright: n samples, or n // nrow rows of an nrow-frame morph.
 
-    sampler: the DDPM's sampler, steps, eta, guide network and guidance; the VAE's prior (None: the run's); the
-    GAN takes none."""
-    keep = {"ddpm": ("sampler", "steps", "eta", "guide", "guidance"), "vae": ("prior",), "gan": ()}[mod.KIND]
+    sampler: the DDPM's sampler, steps, eta, guide network, guidance and guide_min_t; the VAE's prior (None: the
+    run's); the GAN takes none."""
+    keep = {"ddpm": ("sampler", "steps", "eta", "guide", "guidance", "guide_min_t"), "vae": ("prior",),
+            "gan": ()}[mod.KIND]
     sampler = {k: v for k, v in sampler.items() if k in keep and v is not None}
     if mod.KIND == "ddpm":
         sampler["progress"] = progress
@@ -53,38 +54,49 @@ def generate(mod, net, cfg, n=16, nrow=4, seed=0, device="cpu", interpolate=Fals
 
 
 def add_guide_args(p):
-    """sample.py's and evaluate.py's --guide and --guidance."""
+    """sample.py's and evaluate.py's --guide, --guidance and --guide-min-t."""
     p.add_argument("--guide", default=None, metavar="CKPT",
                    help="DDPM only: guide sampling with this weaker checkpoint of the same diffusion, e.g. "
                         "pretrained/ddpm_kanji_guide.pt for the pretrained DDPM (autoguidance; twice the network "
                         "calls)")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"weight of the model against its --guide, 1 = unguided (default: {GUIDANCE})")
+    p.add_argument("--guide-min-t", type=int, default=None, metavar="T",
+                   help="guide only the steps at noise level t >= T (of the run's --timesteps, 0-999 by default): "
+                        "500 guides the noisier half and saves half the guide's calls (a guidance interval, "
+                        "Kynkäänniemi et al. 2024; default: 0, every step)")
 
 
 def recorded_guide(path):
-    """(guide path, guidance) named by a slim DDPM file's record (evaluate.py --record --guide), else (None, None)."""
+    """(guide path, guidance, guide_min_t) named by a slim DDPM file's record (evaluate.py --record --guide), else
+    (None, None, None)."""
     g = (data.load_checkpoint(path, mmap=True).get("record") or {}).get("guide")
-    return (os.path.join(os.path.dirname(os.path.abspath(path)), g["file"]), g["guidance"]) if g else (None, None)
+    if not g:
+        return None, None, None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), g["file"]), g["guidance"], g.get("min_t", 0)
 
 
-def load_guide(path, guidance, mod, cfg, device="cpu", load=None):
-    """--guide and --guidance for a loaded model (mod, cfg) -> generate()'s {"guide": network, "guidance": w},
-    or {} when there is no guide. load(kind, path) -> (module, network, config) loads the guide (default:
-    load_any on device; the window passes its cache)."""
+def load_guide(path, guidance, mod, cfg, device="cpu", load=None, min_t=None):
+    """--guide, --guidance and --guide-min-t for a loaded model (mod, cfg) -> generate()'s {"guide": network,
+    "guidance": w, "guide_min_t": t}, or {} when there is no guide. load(kind, path) -> (module, network, config)
+    loads the guide (default: load_any on device; the window passes its cache)."""
     if path is None:
-        if guidance is not None:
-            raise data.GanjiError("--guidance needs --guide CKPT, the weaker model that guides")
+        if guidance is not None or min_t is not None:
+            raise data.GanjiError(f"--{'guidance' if guidance is not None else 'guide-min-t'} needs --guide CKPT, "
+                                  f"the weaker model that guides")
         return {}
     if mod.KIND != "ddpm":
         raise data.GanjiError(f"--guide guides DDPM checkpoints only, not a {mod.KIND}")
     guidance = GUIDANCE if guidance is None else guidance
     if guidance < 1:
         raise data.GanjiError(f"--guidance must be at least 1 (1 = unguided), got {guidance}")
+    min_t = 0 if min_t is None else min_t
+    if not 0 <= min_t < cfg["timesteps"]:
+        raise data.GanjiError(f"--guide-min-t must be in 0..{cfg['timesteps'] - 1}, got {min_t}")
     load = load or (lambda kind, p: load_any(kind, p, device))
     _, guide, guide_cfg = load("ddpm", path)
     mod.check_guide(cfg, guide_cfg)
-    return {"guide": guide, "guidance": guidance}
+    return {"guide": guide, "guidance": guidance, "guide_min_t": min_t}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,7 +135,9 @@ def describe(path):
              f"{r['date']}"]
     lines += [f"command: {c}" for c in r["commands"]]
     if r.get("guide"):
-        lines.append(f"guide: {r['guide']['file']} (guidance {r['guide']['guidance']}), beside this file")
+        g = r["guide"]
+        at = f", t >= {g['min_t']}" if g.get("min_t") else ""
+        lines.append(f"guide: {g['file']} (guidance {g['guidance']}{at}), beside this file")
     e = r["evaluate"]
     lines.append("evaluate.py: not measured yet" if e is None else
                  f"evaluate.py (n {e['n']}{', ' + e['sampler'] if e['sampler'] else ''}): FID {e['fid']:.1f}, "
@@ -188,7 +202,7 @@ def main(argv=None):
         raise data.GanjiError("--n, --nrow and --steps must be at least 1 and --eta at least 0")
     device = data.pick_device(args.device)
     mod, net, cfg = load_any(args.kind, args.ckpt, device)
-    guided = load_guide(args.guide, args.guidance, mod, cfg, device)
+    guided = load_guide(args.guide, args.guidance, mod, cfg, device, min_t=args.guide_min_t)
     bar = None
 
     def progress(i, total):

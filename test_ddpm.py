@@ -352,6 +352,34 @@ def test_a_model_guided_by_itself_samples_as_unguided():
         torch.testing.assert_close(x, ((target + 1) / 2).expand(2, -1, -1, -1), rtol=0, atol=1 / 255, msg=str(kw))
 
 
+class Recorder(Constant):
+    """A constant "network" that notes every timestep it is called at."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.ts = []
+
+    def forward(self, x, t):
+        self.ts.append(int(t[0]))
+        return super().forward(x, t)
+
+
+def test_guide_min_t_guides_only_the_noisier_steps():
+    """A guidance interval (Kynkäänniemi et al. 2024): the guide is called at exactly the sampler's steps with
+    t >= guide_min_t; 0 is full guidance, and a bound above every step is the net alone."""
+    cfg = tiny_cfg(timesteps=100, pred="v", image_size=4)
+    ts = ddpm.ddim_timesteps(100, 10)[::-1]  # the 10 steps, noisiest first
+    kw = dict(sampler="dpm++2m", steps=10, guidance=2.0)
+    full = ddpm.sample(Constant(0.3), cfg, 2, seed=1, guide=Recorder(-0.5), **kw)
+    guide = Recorder(-0.5)
+    half = ddpm.sample(Constant(0.3), cfg, 2, seed=1, guide=guide, guide_min_t=50, **kw)
+    assert guide.ts == [t for t in ts if t >= 50] and 0 < len(guide.ts) < len(ts)
+    assert torch.equal(ddpm.sample(Constant(0.3), cfg, 2, seed=1, guide=Recorder(-0.5), guide_min_t=0, **kw), full)
+    assert torch.equal(ddpm.sample(Constant(0.3), cfg, 2, seed=1, guide=Recorder(-0.5), guide_min_t=ts[0] + 1, **kw),
+                       ddpm.sample(Constant(0.3), cfg, 2, seed=1, sampler="dpm++2m", steps=10))
+    assert not torch.equal(half, full)
+
+
 def test_check_guide_names_what_differs():
     cfg = tiny_cfg()
     ddpm.check_guide(cfg, {**cfg, "width": 0.5, "epochs": 3})  # capacity and training may differ

@@ -280,9 +280,11 @@ def test_cli_record_with_a_guide(data_dir, tmp_path):
     for path in (slim, guide):
         sample.export(str(run / "ckpt.pt"), str(path))
     out = run_cli("evaluate.py", "ddpm", str(slim), "--n", "20", "--batch-size", "10", "--limit", "200", "--steps", "3",
-                  "--guide", str(guide), "--guidance", "1.5", "--record", "--data-dir", data_dir, "--device", "cpu")
+                  "--guide", str(guide), "--guidance", "1.5", "--guide-min-t", "400", "--record",
+                  "--data-dir", data_dir, "--device", "cpu")
     assert out.returncode == 0, out.stderr
     r = data.load_checkpoint(str(slim))["record"]
-    assert r["guide"] == {"file": "guide.pt", "guidance": 1.5} and r["evaluate"]["n"] == 20
-    assert r["evaluate"]["sampler"] == f"ddim 3 steps, guided by {guide} (guidance 1.5)"
-    assert sample.recorded_guide(str(slim)) == (str(guide), 1.5)
+    assert r["guide"] == {"file": "guide.pt", "guidance": 1.5, "min_t": 400} and r["evaluate"]["n"] == 20
+    assert r["evaluate"]["sampler"] == f"ddim 3 steps, guided by {guide} (guidance 1.5, t >= 400)"
+    assert sample.recorded_guide(str(slim)) == (str(guide), 1.5, 400)
+    assert "guide: guide.pt (guidance 1.5, t >= 400), beside this file" in sample.describe(str(slim))

@@ -81,17 +81,24 @@ def test_sample_py_guide_equals_direct_call(ckpts, tmp_path):
     out = tmp_path / "via_cli.png"
     sample.main(["ddpm", ckpts["ddpm"], "--seed", "3", "--sampler", "dpm++2m", "--steps", "4", "--guide", guide_path,
                  "--guidance", "3", "--out", str(out)])
+    sample.main(["ddpm", ckpts["ddpm"], "--seed", "3", "--sampler", "dpm++2m", "--steps", "4", "--guide", guide_path,
+                 "--guidance", "3", "--guide-min-t", "500", "--out", str(tmp_path / "interval_cli.png")])
     (net, cfg), (guide, _) = ddpm.load(ckpts["ddpm"]), ddpm.load(guide_path)
-    for name, kw in (("direct", {"guide": guide, "guidance": 3.0}), ("unguided", {})):
+    for name, kw in (("direct", {"guide": guide, "guidance": 3.0}), ("unguided", {}),
+                     ("interval", {"guide": guide, "guidance": 3.0, "guide_min_t": 500})):
         x = ddpm.sample(net, cfg, 16, seed=3, sampler="dpm++2m", steps=4, **kw)
         data.save_grid(x, tmp_path / f"{name}.png", cfg["display_invert"], nrow=4)
     assert out.read_bytes() == (tmp_path / "direct.png").read_bytes()
     assert out.read_bytes() != (tmp_path / "unguided.png").read_bytes()
+    assert (tmp_path / "interval_cli.png").read_bytes() == (tmp_path / "interval.png").read_bytes()
+    assert (tmp_path / "interval.png").read_bytes() not in (out.read_bytes(), (tmp_path / "unguided.png").read_bytes())
 
 
 def test_bad_guide_flags_one_line_exit_2(ckpts, tmp_path):
     for args, message in (
             (("ddpm", ckpts["ddpm"], "--guidance", "2"), "--guidance needs --guide"),
+            (("ddpm", ckpts["ddpm"], "--guide-min-t", "500"), "--guide-min-t needs --guide"),
+            (("ddpm", ckpts["ddpm"], "--guide", ckpts["ddpm"], "--guide-min-t", "1000"), "must be in 0..999, got 1000"),
             (("gan", ckpts["gan"], "--guide", ckpts["ddpm"]), "guides DDPM checkpoints only, not a gan"),
             (("ddpm", ckpts["ddpm"], "--guide", ckpts["ddpm"], "--guidance", "0.5"), "must be at least 1"),
             (("ddpm", ckpts["ddpm"], "--guide", PRETRAINED["ddpm"]), "does not fit this model (image_size 64 vs 32"),
@@ -263,8 +270,8 @@ def test_pretrained_files_load_sample_and_carry_their_record(kind, tmp_path):
 
 def test_the_pretrained_ddpm_names_its_guide_and_the_guide_fits():
     import ddpm
-    path, guidance = sample.recorded_guide(PRETRAINED["ddpm"])
-    assert path == GUIDE and guidance >= 1 and os.path.getsize(GUIDE) <= 5_000_000
+    path, guidance, min_t = sample.recorded_guide(PRETRAINED["ddpm"])
+    assert path == GUIDE and guidance >= 1 and 0 <= min_t < 1000 and os.path.getsize(GUIDE) <= 5_000_000
     assert "guided by" in data.load_checkpoint(PRETRAINED["ddpm"])["record"]["evaluate"]["sampler"]
     (_, cfg), (guide, guide_cfg) = ddpm.load(PRETRAINED["ddpm"]), ddpm.load(GUIDE)
     ddpm.check_guide(cfg, guide_cfg)

@@ -191,8 +191,9 @@ class App:
     def work(self, path, seed, sampler, steps, morph, guidance):
         try:
             mod, net, cfg = self.load("auto", path)
-            guide_path = sample.recorded_guide(path)[0] if mod.KIND == "ddpm" and guidance > 1 else None
-            guided = sample.load_guide(guide_path, guidance, mod, cfg, load=self.load) if guide_path else {}
+            guide_path, _, min_t = sample.recorded_guide(path) if mod.KIND == "ddpm" else (None,) * 3
+            guided = sample.load_guide(guide_path, guidance, mod, cfg, load=self.load, min_t=min_t) \
+                if guide_path and guidance > 1 else {}
             progress = lambda i, total: self.jobs.put(("progress", i + 1, total))
             if morph:  # 16 cells, each morphing through 12 frames
                 x = sample.generate(mod, net, cfg, 16 * 12, 12, seed, self.device, True, progress,
@@ -203,7 +204,8 @@ class App:
                 frames = [sample.generate(mod, net, cfg, 16, 4, seed, self.device, False, progress,
                                           sampler=sampler, steps=steps, eta=0.0, **guided)]
             pngs = [self.to_png(f, cfg["display_invert"]) for f in frames]
-            how = f", guided by {os.path.basename(guide_path)} ({guidance:g})" if guided else ""
+            at = f", t >= {min_t}" if min_t else ""
+            how = f", guided by {os.path.basename(guide_path)} ({guidance:g}{at})" if guided else ""
             self.jobs.put(("done", pngs, f"{mod.KIND} from {path}, seed {seed}{how}"))
         except data.GanjiError as e:
             self.jobs.put(("error", str(e)))
