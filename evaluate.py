@@ -454,21 +454,22 @@ def load_images(path, size):
 
 def sample_checkpoint(kind, path, n, seed, device, batch_size, guide=None, guidance=None, guide_min_t=None,
                       **sampler):
-    """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind. sampler: the DDPM's sampler
-    and steps (default: ddpm.sample's), the VAE's prior (default: the run's); guide: a DDPM's guide checkpoint
-    (sample.py --guide, --guidance, --guide-min-t)."""
+    """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind, and sample.load_guide's dict (its
+    defaults filled in; {} unguided). sampler: the DDPM's sampler and steps (default: ddpm.sample's), the VAE's
+    prior (default: the run's); guide: a DDPM's guide checkpoint (sample.py --guide, --guidance, --guide-min-t)."""
     from tqdm import tqdm
 
     mod, net, cfg = sample.load_any(kind, path, device)
     if cfg.get("dataset", "kanji") != "kanji":
         raise data.GanjiError(f"{path} was trained on {cfg.get('dataset')}; the feature network knows only kanji")
-    sampler.update(sample.load_guide(guide, guidance, mod, cfg, device, min_t=guide_min_t))
+    guided = sample.load_guide(guide, guidance, mod, cfg, device, min_t=guide_min_t)
+    sampler.update(guided)
     out = []
     for b, i in enumerate(tqdm(range(0, n, batch_size), desc=f"sampling {mod.KIND}", leave=False)):
         # one seed per batch, derived from --seed: the same n and seed give the same samples
         out.append(sample.generate(mod, net, cfg, min(batch_size, n - i), seed=seed * 1_000_003 + b, device=device,
                                    **sampler))
-    return torch.cat(out).float().cpu(), cfg, mod.KIND
+    return torch.cat(out).float().cpu(), cfg, mod.KIND, guided
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -621,13 +622,12 @@ def main(argv=None):
     if args.ckpt:
         sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("prior", args.prior))
                    if v is not None}
-        images, cfg, kind = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device, args.batch_size,
-                                              args.guide, args.guidance, args.guide_min_t, **sampler)
-        guidance = sample.GUIDANCE if args.guidance is None else args.guidance
-        min_t = args.guide_min_t or 0
-        guided = f"guided by {args.guide} (guidance {guidance}{f', t >= {min_t}' if min_t else ''}), " \
-            if args.guide else ""
-        how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, {guided}",
+        images, cfg, kind, guided = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device,
+                                                      args.batch_size, args.guide, args.guidance, args.guide_min_t,
+                                                      **sampler)
+        by = f"guided by {args.guide} ({sample.guide_text(guided['guidance'], guided['guide_min_t'])}), " \
+            if guided else ""
+        how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, {by}",
                "vae": f"{args.prior or cfg.get('prior', 'normal')} prior, ", "gan": ""}[kind]
         source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
     size = args.image_size or cfg.get("image_size") or 64
@@ -652,7 +652,8 @@ def main(argv=None):
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
         if args.record:
-            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, guidance, min_t)
+            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, guided.get("guidance"),
+                         guided.get("guide_min_t", 0))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"features": feature_note, "results": results}, f, indent=2)

@@ -67,6 +67,11 @@ def add_guide_args(p):
                         "Kynkäänniemi et al. 2024; default: 0, every step)")
 
 
+def guide_text(guidance, min_t):
+    """How a DDPM is guided, as records, `sample.py info` and the window say it: "guidance 2, t >= 500"."""
+    return f"guidance {guidance:g}" + (f", t >= {min_t}" if min_t else "")
+
+
 def recorded_guide(path):
     """(guide path, guidance, guide_min_t) named by a slim DDPM file's record (evaluate.py --record --guide), else
     (None, None, None)."""
@@ -136,8 +141,7 @@ def describe(path):
     lines += [f"command: {c}" for c in r["commands"]]
     if r.get("guide"):
         g = r["guide"]
-        at = f", t >= {g['min_t']}" if g.get("min_t") else ""
-        lines.append(f"guide: {g['file']} (guidance {g['guidance']}{at}), beside this file")
+        lines.append(f"guide: {g['file']} ({guide_text(g['guidance'], g.get('min_t'))}), beside this file")
     e = r["evaluate"]
     lines.append("evaluate.py: not measured yet" if e is None else
                  f"evaluate.py (n {e['n']}{', ' + e['sampler'] if e['sampler'] else ''}): FID {e['fid']:.1f}, "

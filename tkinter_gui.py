@@ -204,8 +204,7 @@ class App:
                 frames = [sample.generate(mod, net, cfg, 16, 4, seed, self.device, False, progress,
                                           sampler=sampler, steps=steps, eta=0.0, **guided)]
             pngs = [self.to_png(f, cfg["display_invert"]) for f in frames]
-            at = f", t >= {min_t}" if min_t else ""
-            how = f", guided by {os.path.basename(guide_path)} ({guidance:g}{at})" if guided else ""
+            how = f", guided by {os.path.basename(guide_path)} ({sample.guide_text(guidance, min_t)})" if guided else ""
             self.jobs.put(("done", pngs, f"{mod.KIND} from {path}, seed {seed}{how}"))
         except data.GanjiError as e:
             self.jobs.put(("error", str(e)))
