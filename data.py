@@ -317,10 +317,12 @@ RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", 
             "log_every", "eval_every", "dry_run", "data_dir")
 
 
-def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True):
-    """The flags every training script has, with the same names and meanings."""
+def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_keys=()):
+    """The flags every training script has, with the same names and meanings. run_keys: the script's own run
+    settings, beside RUN_KEYS (open_run reads them from parser.run_keys)."""
+    parser.run_keys = RUN_KEYS + tuple(run_keys)
     parser.epilog = ("--resume continues the run in --out. Flags given with it that are run settings win: "
-                     + ", ".join("--" + k.replace("_", "-") for k in RUN_KEYS if k not in ("out", "resume"))
+                     + ", ".join("--" + k.replace("_", "-") for k in parser.run_keys if k not in ("out", "resume"))
                      + ". Every other setting comes from the checkpoint; giving one with another value is an error.")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="kanji",
@@ -384,8 +386,8 @@ def open_run(parser, argv, kind):
     """Parse argv -> (args, checkpoint dict or None) for a training script's main().
 
     A fresh run never overwrites a ckpt.pt. With --resume, every flag not given on the command line takes the
-    checkpoint's value; a given one may differ from it only if it is a run setting (RUN_KEYS). With --init-from,
-    a fresh run takes every setting not given, run settings aside, from that checkpoint's config."""
+    checkpoint's value; a given one may differ from it only if it is a run setting (parser.run_keys). With
+    --init-from, a fresh run takes every setting not given, run settings aside, from that checkpoint's config."""
     args = parser.parse_args(argv)
     cli_argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", f"{kind}.py", *cli_argv])
@@ -398,7 +400,7 @@ def open_run(parser, argv, kind):
         args.machine_before = None  # and the machines they ran on, see machines()
         if args.init_from:
             src = load_checkpoint(args.init_from, kind, mmap=True)  # config and counters; the script loads weights
-            take_settings(args, src["config"], given_flags(parser, cli_argv), keep=(*RUN_KEYS, "init_from"))
+            take_settings(args, src["config"], given_flags(parser, cli_argv), keep=(*parser.run_keys, "init_from"))
             args.commands, args.trained_before = src["config"]["commands"] + [command], trained_so_far(src)
             args.machine_before = src["record"]["machine"] if src.get("slim") else src["machine"]
         return args, None
@@ -411,7 +413,7 @@ def open_run(parser, argv, kind):
         raise GanjiError(f"{path} is a slim sampling-only checkpoint (no optimizer, no RNG): it cannot be resumed")
     saved, given = ckpt["config"], given_flags(parser, cli_argv)
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})"
-             for k in sorted(given) if k not in RUN_KEYS and k in saved and getattr(args, k) != saved[k]]
+             for k in sorted(given) if k not in parser.run_keys and k in saved and getattr(args, k) != saved[k]]
     if clash:
         raise GanjiError("--resume continues the same run; these flags differ from it: " + ", ".join(clash))
     take_settings(args, saved, given, keep=("out", "resume"))

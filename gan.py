@@ -46,7 +46,7 @@ D_CHANNELS = (64, 128, 256, 512)  # the output of each of the 4 down blocks
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the GANji ResNet GAN (relativistic pairing loss + R1/R2 penalties).")
-    data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4)
+    data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4, run_keys=("lr_decay_epochs",))
     g = p.add_argument_group("gan")
     g.add_argument("--latent-dim", type=int, default=128, help="size of the latent z (default: %(default)s)")
     g.add_argument("--loss", default="rpgan", choices=("hinge", "wasserstein", "bce", "rpgan"),
@@ -76,6 +76,10 @@ def get_parser():
     g.add_argument("--lr-d", type=float, default=None,
                    help="discriminator learning rate; --lr is the generator's. Half of G's made a 600-step run "
                         "collapse to one glyph (README) (default: same as --lr)")
+    g.add_argument("--lr-decay-epochs", type=int, default=0,
+                   help="cool-down: over the last N epochs of --epochs both learning rates fall linearly to 0 "
+                        "(the schedule of pix2pix, Isola et al. 2017); a run setting, so a long run can start its "
+                        "cool-down on --resume (default: %(default)s, constant rates)")
     g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], metavar=("B1", "B2"),
                    help="Adam betas of the generator; 0.5 0.99 and 0 0.9 scored FID 183 and 186 against 197 at "
                         "600 steps, 333-341 against 221 at 200 (README) (default: %(default)s)")
@@ -103,6 +107,9 @@ def config_from_args(args, ds=None):
     if args.n_critic < 1 or args.penalty_every < 1:
         raise data.GanjiError(f"--n-critic and --penalty-every must be at least 1, got {args.n_critic}, "
                               f"{args.penalty_every}")
+    if not 0 <= args.lr_decay_epochs <= args.epochs:
+        raise data.GanjiError(f"--lr-decay-epochs must be between 0 and --epochs ({args.epochs}), "
+                              f"got {args.lr_decay_epochs}")
     return {**vars(args), "kind": KIND, "image_size": s, "channels": c, "display_invert": ds.display_invert,
             "n_images": n, "steps_per_epoch": data.steps_per_epoch(n, args.batch_size),
             "lr_d": args.lr if args.lr_d is None else args.lr_d,
@@ -332,6 +339,13 @@ def ema_update(ema, net, decay):
         e.copy_(b)
 
 
+def lr_scale(step, total, decay):
+    """The factor on both learning rates at 0-based step `step` of `total`: 1, then over the last `decay` steps a
+    linear fall, (total - step) / decay, to 1 / decay at the last step. A pure function of the step: --resume is
+    exact."""
+    return 1.0 if decay <= 0 else min(1.0, max(0.0, (total - step) / decay))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Step
 
@@ -353,7 +367,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg["ema_kimg"] > 0 else None
         self.optimizer_g = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
         self.optimizer_d = torch.optim.Adam(self.D.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas_d"]))
-        self.step_count, self.lr = 0, cfg["lr"]
+        self.step_count, self.lr, self.lr_d = 0, cfg["lr"], cfg["lr_d"]
 
     @property
     def sample_net(self):
@@ -377,6 +391,12 @@ class Trainer:
     def step(self, x):
         """n_critic D steps and one G step on a normalized batch x (N, C, S, S) in [-1, 1] -> losses as floats."""
         cfg, n = self.cfg, x.shape[0]
+        per_epoch = cfg["steps_per_epoch"]
+        scale = lr_scale(self.step_count, cfg["epochs"] * per_epoch, cfg["lr_decay_epochs"] * per_epoch)
+        self.lr, self.lr_d = cfg["lr"] * scale, cfg["lr_d"] * scale
+        for optimizer, lr in ((self.optimizer_g, self.lr), (self.optimizer_d, self.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         seen = augment if cfg["augment"] else (lambda images: images)  # what D sees of an image
         for i in range(cfg["n_critic"]):
             # z of the global batch, this rank's rows kept (data.shard): under torchrun as one process draws it
@@ -498,7 +518,7 @@ def main(argv=None):
                 bar.update()
                 if trainer.step_count % cfg["log_every"] == 0 and rank == 0:
                     log.write(row="step", epoch=epoch + 1, step=trainer.step_count, **losses, img_per_s=img_s,
-                              lr=trainer.lr, lr_d=cfg["lr_d"])
+                              lr=trainer.lr, lr_d=trainer.lr_d)
             bar.close()
             if stop.requested():
                 if rank == 0:
@@ -511,7 +531,7 @@ def main(argv=None):
                 continue  # the others train on while rank 0 logs, draws, evaluates and saves
             if seen:
                 log.write(row="epoch", epoch=epoch, step=trainer.step_count, **{k: v / seen for k, v in sums.items()},
-                          img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr, lr_d=cfg["lr_d"])
+                          img_per_s=seen / (time.perf_counter() - t0), lr=trainer.lr, lr_d=trainer.lr_d)
                 print(f"epoch {epoch}/{epochs}: loss_d {sums['loss_d'] / seen:.3f}, "
                       f"loss_g {sums['loss_g'] / seen:.3f}, step {trainer.step_count}")
             if epoch % cfg["sample_every"] == 0 or epoch == epochs:  # the same fixed latents every time

@@ -117,6 +117,26 @@ def test_lazy_penalty_is_every_kth_d_step_weighted_by_k():
     assert tr.penalty(real, fake, d_step=6).item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_lr_decay_by_hand_and_started_on_resume(data_dir, tmp_path):
+    """10 steps, the last 4 decayed: factors 1 (steps 0-6, (10 - 6) / 4 = 1 too), then 3/4, 2/4, 1/4."""
+    assert [gan.lr_scale(s, 10, 4) for s in range(10)] == [1] * 7 + [0.75, 0.5, 0.25]
+    assert [gan.lr_scale(s, 10, 0) for s in range(10)] == [1] * 10
+    # a tiny run (4 steps an epoch) at constant rates, then resumed for a 2nd epoch that is its cool-down
+    gan.main(tiny_args(data_dir, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-d", "2e-3"))
+    gan.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--epochs", "2", "--lr-decay-epochs", "1"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in rows if r["row"] == "step"]  # one per step; step k logs the rates of 0-based step k - 1
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    want = [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [r["lr"] for r in steps] == pytest.approx([1e-3 * f for f in want])
+    assert [r["lr_d"] for r in steps] == pytest.approx([2e-3 * f for f in want])
+    ckpt = data.load_checkpoint(str(tmp_path / "ckpt.pt"), "gan")  # the rates the Adams took the last step with
+    assert ckpt["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 4)
+    assert ckpt["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(2e-3 / 4)
+    with pytest.raises(data.GanjiError, match="--lr-decay-epochs must be between 0 and --epochs"):
+        gan.main(tiny_args(data_dir, tmp_path / "bad", "--epochs", "2", "--lr-decay-epochs", "3"))
+
+
 def test_augment_is_differentiable_drawn_per_image_and_off_by_default(monkeypatch):
     x = batch(8, 32)[:1].expand(8, -1, -1, -1).clone().requires_grad_(True)  # 8 copies of one image
     torch.manual_seed(0)
