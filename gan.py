@@ -341,10 +341,10 @@ def ema_update(ema, net, decay):
 
 
 def lr_scale(step, total, decay):
-    """The factor on both learning rates at 0-based step `step` of `total`: 1, then over the last `decay` steps a
+    """The factor on both learning rates at 0-based step `step` < `total`: 1, then over the last `decay` steps a
     linear fall, (total - step) / decay, to 1 / decay at the last step. A pure function of the step: --resume is
     exact."""
-    return 1.0 if decay <= 0 else min(1.0, max(0.0, (total - step) / decay))
+    return 1.0 if decay <= 0 else min(1.0, (total - step) / decay)
 
 
 # ----------------------------------------------------------------------------------------------------
