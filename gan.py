@@ -2,7 +2,7 @@
 gradient penalties (R3GAN's objective).
 
     python gan.py                                          # built-in kanji, 64x64, reference width 1.0
-    python gan.py --width 0.25 --epochs 9 --out runs/gan_30min  # the README's 30-minute CPU run
+    python gan.py --width 0.25 --lr 1e-3 --epochs 9 --out runs/gan_30min  # the README's 30-minute CPU run
     python gan.py --dataset mnist --epochs 20              # MNIST at 32x32
     python gan.py --out runs/gan_30min --resume --epochs 12
 
