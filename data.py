@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -314,7 +315,7 @@ def _free_memory(device):
 # the run settings: on --resume these may differ from the checkpoint's config (given on the command line, they
 # win); everything else (data, architecture, optimizer, seed) is what the run is made of and stays
 RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", "resume", "sample_every",
-            "log_every", "eval_every", "dry_run", "data_dir")
+            "log_every", "eval_every", "keep_every", "dry_run", "data_dir")
 
 
 def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_keys=()):
@@ -371,6 +372,9 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_k
                    help="every N epochs, FID and KID of min(1000, dataset size) samples against the dataset, in "
                         "evaluate.py's kanji feature space (kanji and glyph folders only), into metrics.jsonl and "
                         "curves.png; 0 = off (default: %(default)s)")
+    g.add_argument("--keep-every", type=int, default=0,
+                   help="every N epochs, also keep a copy of ckpt.pt as ckpt_epochNNN.pt: earlier states to compare, "
+                        "resume or guide with (ddpm.py --guide); 0 = off (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")
     return parser
 
@@ -600,6 +604,14 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def keep_copy(ckpt_path, epoch, every):
+    """After epoch `epoch` is saved: copy ckpt.pt to ckpt_epochNNN.pt when --keep-every N divides it."""
+    if every and epoch % every == 0:
+        dst = os.path.join(os.path.dirname(ckpt_path), f"ckpt_epoch{epoch:03d}.pt")
+        shutil.copyfile(ckpt_path, f"{dst}.tmp{os.getpid()}")
+        os.replace(f"{dst}.tmp{os.getpid()}", dst)
 
 
 def load_checkpoint(path, kind=None, map_location="cpu", mmap=False):

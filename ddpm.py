@@ -474,6 +474,7 @@ def main(argv=None):
                               steps=cfg["sample_steps"])
                 log.write(row="eval", epoch=epoch, step=trainer.step_count, **evaluate.fid_kid(fake, ref))
             save()  # before the picture: a checkpoint never waits on a plot
+            data.keep_copy(ckpt_path, epoch, cfg["keep_every"])
             data.plot_curves(log.path, os.path.join(out, "curves.png"))
     if rank == 0:
         print(f"done: {epoch} epochs, {trainer.step_count} steps; {out}")

@@ -22,11 +22,12 @@ def saved(path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """The reference: each model's 2-epoch tiny run in one go (8 steps)."""
+    """The reference: each model's 2-epoch tiny run in one go (8 steps), keeping the checkpoint of each epoch."""
     runs = {}
     for kind in KINDS:
         out = tmp_path_factory.mktemp(f"{kind}_full")
-        importlib.import_module(kind).main(tiny_args(data_dir, out, "--epochs", "2", "--sample-every", "5"))
+        importlib.import_module(kind).main(tiny_args(data_dir, out, "--epochs", "2", "--sample-every", "5",
+                                                     "--keep-every", "1"))
         runs[kind] = out
     return runs
 
@@ -51,6 +52,15 @@ def test_ctrl_c_inside_a_step_then_resume_is_exact(kind, at_step, data_dir, unin
             assert states_equal(a[key], b[key]), key
     grid = "samples_epoch002.png"
     assert (uninterrupted[kind] / grid).read_bytes() == (tmp_path / grid).read_bytes()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keep_every_copies_the_checkpoint_at_each_nth_epoch_end(kind, uninterrupted):
+    run = uninterrupted[kind]
+    assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt.pt", "ckpt_epoch001.pt", "ckpt_epoch002.pt"]
+    first, last, final = (saved(run / name) for name in ("ckpt_epoch001.pt", "ckpt_epoch002.pt", "ckpt.pt"))
+    assert (first["epoch"], first["step"], first["batch"]) == (1, 4, 0)
+    assert states_equal(last, final)  # the copy is the file, byte for byte in every value
 
 
 @pytest.mark.parametrize("kind", KINDS)
