@@ -318,6 +318,17 @@ RUN_KEYS = ("epochs", "device", "precision", "compile", "channels_last", "out", 
             "log_every", "eval_every", "keep_every", "dry_run", "data_dir")
 
 
+def at_least(low):
+    """An argparse type: an int >= low, else argparse's one-line error (exit 2)."""
+    def parse(text):
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+    parse.__name__ = "int"  # what argparse names in "invalid int value: 'x'"
+    return parse
+
+
 def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_keys=()):
     """The flags every training script has, with the same names and meanings. run_keys: the script's own run
     settings, beside RUN_KEYS (open_run reads them from parser.run_keys)."""
@@ -364,15 +375,15 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_k
                    help="start a new run from the sampling weights of a checkpoint of the same model, full or slim "
                         "(fine-tuning, e.g. a pretrained/ file): settings not given come from it, the optimizer, "
                         "learning-rate schedule and counters start fresh (default: off)")
-    g.add_argument("--sample-every", type=int, default=1,
+    g.add_argument("--sample-every", type=at_least(1), default=1,
                    help="save a sample grid every N epochs (default: %(default)s)")
-    g.add_argument("--log-every", type=int, default=50,
+    g.add_argument("--log-every", type=at_least(1), default=50,
                    help="write a metrics.jsonl row every N steps (default: %(default)s)")
-    g.add_argument("--eval-every", type=int, default=0,
+    g.add_argument("--eval-every", type=at_least(0), default=0,
                    help="every N epochs, FID and KID of min(1000, dataset size) samples against the dataset, in "
                         "evaluate.py's kanji feature space (kanji and glyph folders only), into metrics.jsonl and "
                         "curves.png; 0 = off (default: %(default)s)")
-    g.add_argument("--keep-every", type=int, default=0,
+    g.add_argument("--keep-every", type=at_least(0), default=0,
                    help="every N epochs, also keep a copy of ckpt.pt as ckpt_epochNNN.pt: earlier states to compare, "
                         "resume or guide with (ddpm.py --guide); 0 = off (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")

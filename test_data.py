@@ -1,4 +1,5 @@
 """data.py: the rendered kanji, folders, MNIST/CIFAR-10 in their real file formats, batching, small helpers."""
+import argparse
 import json
 import os
 import sys
@@ -113,6 +114,17 @@ def test_missing_or_empty_folder_is_one_line_error(tmp_path):
     out = run_cli("data.py", "--dataset", str(tmp_path / "nope"))
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag, value, low", [("--sample-every", "0", 1), ("--log-every", "0", 1),
+                                              ("--eval-every", "-1", 0), ("--keep-every", "-2", 0)])
+def test_every_n_epochs_flags_refuse_zero_or_negative_with_one_line(flag, value, low, capsys):
+    parser = data.add_common_args(argparse.ArgumentParser(prog="x.py"), epochs=1, batch_size=8, lr=1e-3)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([flag, value])  # unchecked, 0 divides by zero and -1 counts every epoch
+    assert e.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # argparse's usage, then one error line
+    assert last == f"x.py: error: argument {flag}: must be at least {low}, got {value}"
 
 
 def test_mnist_real_format(tmp_path):
