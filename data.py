@@ -385,7 +385,7 @@ def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_k
                         "curves.png; 0 = off (default: %(default)s)")
     g.add_argument("--keep-every", type=at_least(0), default=0,
                    help="every N epochs, also keep a copy of ckpt.pt as ckpt_epochNNN.pt: earlier states to compare, "
-                        "resume or guide with (ddpm.py --guide); 0 = off (default: %(default)s)")
+                        "resume or guide with (sample.py --guide); 0 = off (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")
     return parser
 
@@ -621,8 +621,9 @@ def keep_copy(ckpt_path, epoch, every):
     """After epoch `epoch` is saved: copy ckpt.pt to ckpt_epochNNN.pt when --keep-every N divides it."""
     if every and epoch % every == 0:
         dst = os.path.join(os.path.dirname(ckpt_path), f"ckpt_epoch{epoch:03d}.pt")
-        shutil.copyfile(ckpt_path, f"{dst}.tmp{os.getpid()}")
-        os.replace(f"{dst}.tmp{os.getpid()}", dst)
+        tmp = f"{dst}.tmp{os.getpid()}"  # as in atomic_save: a crash never leaves a half-written copy
+        shutil.copyfile(ckpt_path, tmp)
+        os.replace(tmp, dst)
 
 
 def load_checkpoint(path, kind=None, map_location="cpu", mmap=False):

@@ -58,9 +58,9 @@ def test_ctrl_c_inside_a_step_then_resume_is_exact(kind, at_step, data_dir, unin
 def test_keep_every_copies_the_checkpoint_at_each_nth_epoch_end(kind, uninterrupted):
     run = uninterrupted[kind]
     assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt.pt", "ckpt_epoch001.pt", "ckpt_epoch002.pt"]
-    first, last, final = (saved(run / name) for name in ("ckpt_epoch001.pt", "ckpt_epoch002.pt", "ckpt.pt"))
+    first = saved(run / "ckpt_epoch001.pt")
     assert (first["epoch"], first["step"], first["batch"]) == (1, 4, 0)
-    assert states_equal(last, final)  # the copy is the file, byte for byte in every value
+    assert (run / "ckpt_epoch002.pt").read_bytes() == (run / "ckpt.pt").read_bytes()  # the last epoch's is the file
 
 
 @pytest.mark.parametrize("kind", KINDS)
