@@ -276,7 +276,8 @@ def main(argv=None):
     result["data"] = bench_data(device, kanji[:2048] if args.quick else kanji, args.repeats)
     print(json.dumps(result["data"]), flush=True)
 
-    widths = [float(w) for w in args.widths.split(",")] if args.widths else [SMALL_WIDTH] if args.quick else [1.0, SMALL_WIDTH]
+    widths = ([float(w) for w in args.widths.split(",")] if args.widths
+              else [SMALL_WIDTH] if args.quick else [1.0, SMALL_WIDTH])
     layout = {k: importlib.import_module(k).get_parser().get_default("channels_last") for k in models}
     spec = dict(batch=args.batch_size, data_dir=args.data_dir)
     specs = [dict(kind=k, width=w, precision=pr, channels_last=layout[k], compile=False, **spec)

@@ -36,5 +36,6 @@ def test_bench_cli_writes_table_and_json(data_dir, tmp_path):
     assert [(row["processes"], row["batch"]) for row in result["ddp"]] == [(1, 4), (2, 4)]  # torchrun, gloo
     assert all(row["img_per_s"] > 0 and "error" not in row for row in result["ddp"])
     table = (out / "bench.md").read_text()
-    assert "| vae | 0.125 | bf16 |" in table and table == r.stdout[r.stdout.index("GANji bench:"):].rsplit("wrote", 1)[0]
+    assert "| vae | 0.125 | bf16 |" in table
+    assert table == r.stdout[r.stdout.index("GANji bench:"):].rsplit("wrote", 1)[0]
     assert "| vae | 0.125 | fp32 | 2 | 1 | 4 |" in table  # 2 processes of 1 thread (OMP_NUM_THREADS=1 here)

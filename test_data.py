@@ -18,7 +18,8 @@ def kanji(data_dir):
 
 
 def test_import_does_no_work(tmp_path):
-    code = f"import sys; sys.path.insert(0, {HERE!r}); import data; print(sorted(m for m in ('PIL', 'torchvision') if m in sys.modules))"
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import data; "
+            "print(sorted(m for m in ('PIL', 'torchvision') if m in sys.modules))")
     out = run_cli("-c", code, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

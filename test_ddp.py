@@ -39,12 +39,12 @@ GRAD_RTOL, ATOL, NOISE = 1e-4, 1e-5, 1e-6
 # A gradient that is zero in exact arithmetic is rounding only, in both runs: D's last bias under the rpgan loss, which
 # sees only differences of scores (measured: 5.6e-9). Gradients are compared to GRAD_RTOL of their largest plus this.
 GRAD_FLOOR = 1e-7
-# After 8 steps (4 on 2 ranks, then 4 in one process after --resume, against 8 in one process). On the 2-core AMD
-# EPYC the VAE and the DDPM stayed within 1e-5 (measured); in the GAN, the D weights that took those opposite first steps change D's scores, and
-# about 200 of its 240,000 weights drift apart by up to 4.5 lr (measured 9.1e-4, with lr 2e-4).
-# On a 2-core Intel Xeon (AVX-512) the VAE drifted the same way: one of dec_in's 65,536 weights by 1.7e-3 (an Adam step on
-# a near-zero gradient whose sign the rounding flipped), and the mixture prior that EM refits from the latents after the
-# last step by up to 2.8e-4; the DDPM passes within 1e-4 there.
+# After 8 steps (4 on 2 ranks, then 4 in one process after --resume, against 8 in one process). On the 2-core AMD EPYC
+# the VAE and the DDPM stayed within 1e-5 (measured); in the GAN, the D weights that took those opposite first steps
+# change D's scores, and about 200 of its 240,000 weights drift apart by up to 4.5 lr (measured 9.1e-4, with lr 2e-4).
+# On a 2-core Intel Xeon (AVX-512) the VAE drifted the same way: one of dec_in's 65,536 weights by 1.7e-3 (an Adam
+# step on a near-zero gradient whose sign the rounding flipped), and the mixture prior that EM refits from the latents
+# after the last step by up to 2.8e-4; the DDPM passes within 1e-4 there.
 ATOL_RESUMED = {"vae": 2e-3, "gan": 2e-3, "ddpm": 1e-4}
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -54,8 +54,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 def record(kind, dump, argv, no_batchnorm=False, ctrl_c_at=0):
     """Train kind's main(argv) in this process (a plain one, or one rank of a torchrun job) and write
     dump/rank{RANK}.pt: the trainer's state_dict after every step, the gradients of the first step, how often this
-    rank wrote a checkpoint, a metrics row, a grid and curves.png, and its exit status. ctrl_c_at: after that step, rank 0 sends SIGINT to its parent,
-    torchrun, which hands it to every rank, as when a user presses Ctrl-C in torchrun's terminal."""
+    rank wrote a checkpoint, a metrics row, a grid and curves.png, and its exit status. ctrl_c_at: after that step,
+    rank 0 sends SIGINT to its parent, torchrun, which hands it to every rank, as when a user presses Ctrl-C in
+    torchrun's terminal."""
     mod = importlib.import_module(kind)
     rank = int(os.environ.get("RANK", 0))
     steps, grads, writes, status = [], {}, dict.fromkeys(("checkpoint", "metrics", "grid", "curves"), 0), 0

@@ -177,7 +177,8 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
     root = tk.Tk()
     try:
         app = tkinter_gui.App(root, runs)
-        # the pretrained files first (the three models and the DDPM's guide), the pretrained DDPM selected, then the runs
+        # the pretrained files first (the three models and the DDPM's guide), the pretrained DDPM selected, then the
+        # runs
         assert app.paths[:4] == sorted([*PRETRAINED.values(), GUIDE]) and len(app.paths) == 7
         assert app.paths[app.listbox.curselection()[0]] == PRETRAINED["ddpm"]
         assert "FID" in app.record.get() and "trained:" in app.record.get() and "guide:" in app.record.get()
