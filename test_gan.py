@@ -323,3 +323,11 @@ def test_minibatch_std_by_hand_and_only_within_its_group():
     y[5] = 0  # another image in the second group of 4
     sx, sy = d(x), d(y)
     assert torch.equal(sx[:4], sy[:4]) and not torch.allclose(sx[4], sy[4])  # the first group never sees it
+
+
+@pytest.mark.parametrize("flag", ["--n-critic", "--penalty-every"])
+def test_step_count_flags_refuse_zero_with_one_line(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        gan.get_parser().parse_args([flag, "0"])  # refused while parsing, before any data is read
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: argument {flag}: must be at least 1, got 0")
