@@ -233,7 +233,7 @@ def table(rows, cols):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description="Benchmark GANji's models and data loading on this machine.")
     p.add_argument("--quick", action="store_true", help="small configs and fewer repeats (a few minutes on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default: %(default)s)")
@@ -249,7 +249,11 @@ def main(argv=None):
                         "of processes under torchrun, gloo; empty = skip (default: %(default)s)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one training row, as JSON
     p.add_argument("--ddp-row", default=None, help=argparse.SUPPRESS)  # internal: one rank of a torchrun row
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     if args.ddp_row:
         args.repeats = args.repeats or 3
         return ddp_row(args, **json.loads(args.ddp_row))

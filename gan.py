@@ -1,8 +1,8 @@
 """GANji GAN: a ResNet generator and discriminator trained with the relativistic pairing loss and zero-centred
 gradient penalties (R3GAN's objective).
 
-    python gan.py                                          # built-in kanji, 64x64, reference width 1.0
-    python gan.py --width 0.25 --batch-size 16 --lr 1e-3 --epochs 19 --lr-decay-epochs 5 --out runs/gan_30min  # 30 min
+    python gan.py --epochs 19 --out runs/gan_30min         # the 30-minute CPU recipe, width 0.25 (docs/gan.md)
+    python gan.py --width 1.0                              # the reference architecture, 100 epochs (a GPU job)
     python gan.py --dataset mnist --epochs 20              # MNIST at 32x32
     python gan.py --out runs/gan_30min --resume --epochs 30 --lr-decay-epochs 5
 
@@ -31,14 +31,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import evaluate
 
 KIND = "gan"
 NORM = "11"  # images in [-1, 1], the range of the generator's tanh
-# Fewer channels where there are more pixels (as in StyleGAN): at width 0.25 this costs 0.68 GFLOP per image and
-# training step, against 1.45 for the earlier (512, 256, 128, 128, 128) / (128, 128, 256, 512), with as many weights.
+# Fewer channels where there are more pixels (as in StyleGAN): about half the FLOPs of a design that kept 128
+# channels at the high resolutions, with as many weights (docs/gan.md).
 G_CHANNELS = (512, 256, 128, 64, 32)  # the latent tensor, then the output of each of the 4 up blocks
 D_CHANNELS = (64, 128, 256, 512)  # the output of each of the 4 down blocks
+# the size-dependent defaults, (at --width <= data.WIDE, above it): the CPU recipe, then the reference GAN's
+BATCH_SIZE, LR = (16, 64), (1e-3, 2e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,64 +47,60 @@ D_CHANNELS = (64, 128, 256, 512)  # the output of each of the 4 down blocks
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the GANji ResNet GAN (relativistic pairing loss + R1/R2 penalties).")
-    data.add_common_args(p, epochs=100, batch_size=64, lr=2e-4, run_keys=("lr_decay_epochs",))
+    data.add_common_args(p, epochs=100, batch_size=BATCH_SIZE, lr=LR, doc="docs/gan.md", run_keys=("lr_decay_epochs",))
     g = p.add_argument_group("gan")
     g.add_argument("--latent-dim", type=int, default=128, help="size of the latent z (default: %(default)s)")
     g.add_argument("--loss", default="rpgan", choices=("hinge", "wasserstein", "bce", "rpgan"),
-                   help="adversarial loss; bce is the non-saturating one, rpgan the relativistic pairing loss of "
-                        "R3GAN, which ignores the offset of D's scores that hinge made swing (measured in the "
-                        "README) (default: %(default)s)")
+                   help="adversarial loss; bce: non-saturating, rpgan: R3GAN's relativistic pairing "
+                        "(default: %(default)s; docs/gan.md)")
     g.add_argument("--penalty", default="r1r2", choices=("gp", "r1r2"),
-                   help="gp: the one-centred (||grad D|| - 1)^2 on real-fake interpolates (WGAN-GP, the original "
-                        "GANji's, which with hinge made the GAN collapse: FID 497 vs 214 with r1r2 after 200 steps); "
-                        "r1r2: zero-centred ||grad D||^2 on reals (R1) and on fakes (R2) (default: %(default)s)")
-    g.add_argument("--gp", type=float, default=10.0,
-                   help="weight of --penalty gp; 0 = off (default: %(default)s)")
+                   help="r1r2: zero-centred ||grad D||^2 on reals and fakes; gp: WGAN-GP's "
+                        "(default: %(default)s; docs/gan.md)")
+    g.add_argument("--gp", type=float, default=10.0, help="weight of --penalty gp; 0 = off (default: %(default)s)")
     g.add_argument("--gamma", type=float, default=5.0,
-                   help="weight of --penalty r1r2: gamma / 2 * (R1 + R2); 0 = off. At 600 steps gamma 5 scored "
-                        "FID 197, 1 238, 0.1 389; the 30-minute run 74.3 with 5, 115.8 with 1 (README) "
-                        "(default: %(default)s)")
+                   help="weight of --penalty r1r2: gamma / 2 * (R1 + R2); 0 = off (default: %(default)s; docs/gan.md)")
     g.add_argument("--penalty-every", type=data.at_least(1), default=4,
                    help="lazy penalty: only every N-th D step, weighted by N (default: %(default)s)")
     g.add_argument("--augment", action="store_true",
-                   help="DiffAugment every image D sees, real and fake: a translation and a cutout, drawn per image "
-                        "(no flip); it made a 600-step run collapse to a few glyphs (README), so off (default: off)")
+                   help="DiffAugment (a translation and a cutout per image) of all D sees (default: off; docs/gan.md)")
     g.add_argument("--mbstd", action="store_true",
-                   help="minibatch standard deviation in D (Karras et al. 2018): D also sees how much its features "
-                        "vary across a group of 4 images, so a generator that collapses is easy to spot; at 600 "
-                        "steps it scored FID 290 vs 238 without (README), so off (default: off)")
+                   help="minibatch standard deviation in D (Karras et al. 2018) (default: off; docs/gan.md)")
     g.add_argument("--n-critic", type=data.at_least(1), default=1,
                    help="discriminator steps per generator step, on the same batch (default: %(default)s)")
     g.add_argument("--lr-d", type=float, default=None,
-                   help="discriminator learning rate; --lr is the generator's (at width 0.25, --lr 1e-3 beat the "
-                        "default 2e-4 at 1,800 steps, FID 40.91 vs 74.27; the README's 30-minute run adds "
-                        "--batch-size 16, 19 epochs and --lr-decay-epochs 5: 21.19). Half of G's made a 600-step "
-                        "run collapse to one glyph (README) (default: same as --lr)")
-    g.add_argument("--lr-decay-epochs", type=int, default=0,
-                   help="cool-down: over the last N epochs of --epochs both learning rates fall linearly to 0 "
-                        "(the schedule of pix2pix, Isola et al. 2017); a run setting, so a long run can start its "
-                        "cool-down on --resume (the pretrained file's last 16 epochs; the 30-minute run's last 5, FID "
-                        "21.19 vs 22.59 at constant rates; README) (default: %(default)s, constant rates)")
+                   help="discriminator learning rate; --lr is the generator's (default: same as --lr)")
+    g.add_argument("--lr-decay-epochs", type=data.at_least(0), default=None,
+                   help="both learning rates fall linearly to 0 over the last N epochs "
+                        "(default: --epochs / 4, rounded; docs/gan.md)")
     g.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], metavar=("B1", "B2"),
-                   help="Adam betas of the generator; 0.5 0.99 and 0 0.9 scored FID 183 and 186 against 197 at "
-                        "600 steps, 333-341 against 221 at 200 (README) (default: %(default)s)")
+                   help="Adam betas of the generator (default: 0.0 0.99; docs/gan.md)")
     g.add_argument("--betas-d", type=float, nargs=2, default=None, metavar=("B1", "B2"),
                    help="Adam betas of the discriminator (default: same as --betas)")
     g.add_argument("--ema-kimg", type=float, default=10.0,
-                   help="half-life, in thousands of images, of the EMA of G's weights that draws the samples; "
-                        "0 = off (default: %(default)s)")
+                   help="half-life of the EMA of G that draws the samples, in thousands of images; 0 = off "
+                        "(default: %(default)s)")
     g.add_argument("--ema-rampup", type=float, default=0.05,
-                   help="the half-life is at most this fraction of the images seen so far, so a short run's "
-                        "EMA is not stuck near the random init; 0 = no ramp (default: %(default)s)")
+                   help="cap the half-life at this fraction of the images seen so far; 0 = no cap "
+                        "(default: %(default)s)")
     return p
+
+
+def recipe(args):
+    """The defaults that depend on other flags, for what neither the command line nor a checkpoint gave (a fresh
+    run's flags; on --resume and with --init-from the checkpoint's): -> args with concrete numbers."""
+    data.by_width(args, batch_size=BATCH_SIZE, lr=LR)
+    if args.lr_decay_epochs is None:  # a run setting: on --resume the run's value
+        args.lr_decay_epochs = round(args.epochs / 4)  # the last quarter cools down
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data
 
 def config_from_args(args, ds=None):
-    """vars(args) plus what the dataset decides (real size, channels, display), the steps per epoch and the
-    resolved D optimizer settings."""
+    """vars(args) with the recipe's defaults filled in, plus what the dataset decides (real size, channels, display),
+    the steps per epoch and the resolved D optimizer settings."""
+    args = recipe(args)
     ds = ds if ds is not None else data.data_from_args(args)
     n, c, s = ds.images.shape[:3]
     if s % 16 or s < 32:
@@ -128,7 +125,7 @@ def xavier(layer, gain=1.0):
     """Xavier-uniform weights, zero bias. Gain sqrt(2) for the 3x3 convs that feed a ReLU, 1 elsewhere.
 
     PyTorch's default init (gain ~1/sqrt(3)) shrinks the signal block after block: G's samples then start
-    nearly alike and the GAN collapses to one image within ~50 steps (measured on kanji at width 0.25).
+    nearly alike and the GAN collapses to one image within a few dozen steps (measured on kanji, docs/gan.md).
     """
     nn.init.xavier_uniform_(layer.weight, gain)
     if layer.bias is not None:
@@ -178,7 +175,7 @@ def conv3x3_pool(x, conv):
 
     Each output pixel averages the 3x3 kernel over a 2x2 window: that is the 3x3 kernel summed at the 4
     shifts into a 4x4 one, divided by 4. Same result, 16 instead of 36 multiply-adds per output, and no
-    full-resolution tensor to keep for backward: the D+G step with its double backward runs 1.4x faster."""
+    full-resolution tensor to keep for backward: the D+G step with its double backward runs faster (docs/bench.md)."""
     w = conv.weight  # (cout, cin, 3, 3)
     w = (F.pad(w, (0, 1, 0, 1)) + F.pad(w, (1, 0, 0, 1)) + F.pad(w, (0, 1, 1, 0)) + F.pad(w, (1, 0, 1, 0))) / 4
     return F.conv2d(x, w, conv.bias, stride=2, padding=1)
@@ -356,8 +353,9 @@ class Trainer:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, torch.device(device)
         self.G, self.D = (m.to(self.device, memory_format=layout(cfg)) for m in build(cfg))
-        if self.device.type == "cuda" and data.world_size() > 1:  # BatchNorm over the global batch, as on one GPU;
-            self.G = nn.SyncBatchNorm.convert_sync_batchnorm(self.G)  # a CPU rank normalizes its own share (README)
+        # under torchrun on GPUs BatchNorm over the global batch, as on one GPU; a CPU rank normalizes its own share
+        if self.device.type == "cuda" and data.world_size() > 1:  # (docs/torchrun.md)
+            self.G = nn.SyncBatchNorm.convert_sync_batchnorm(self.G)
         # compiled views for the forward passes; the penalty's double backward runs on the plain D
         # (torch.compile does not support create_graph=True), state_dicts come from the plain modules
         self.G_fwd, self.D_fwd = (torch.compile(m) if cfg["compile"] else m for m in (self.G, self.D))
@@ -464,6 +462,7 @@ class Trainer:
 
 def main(argv=None):
     args, ckpt = data.open_run(get_parser(), argv, KIND)
+    recipe(args)  # before anything reads --batch-size, and before the config is saved
     rank, world, device = data.distributed(args)  # (0, 1, the --device) without torchrun
     ds = data.data_from_args(args, progress=rank == 0)
     cfg = config_from_args(args, ds)
@@ -476,6 +475,10 @@ def main(argv=None):
         data.set_rng_state(ckpt["rng"])
     elif cfg["init_from"]:
         trainer.init_from(data.load_checkpoint(cfg["init_from"], KIND), cfg["init_from"])
+    ref = None  # FID's real side, on rank 0, which alone evaluates; before the run folder, which a failure never leaves
+    if cfg["eval_every"] and rank == 0:
+        import evaluate  # only when asked for: it loads its feature network
+        ref = evaluate.reference(ds.images, ds.name, device=device)
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
     if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
         os.makedirs(out, exist_ok=True)
@@ -489,10 +492,6 @@ def main(argv=None):
         print(f"{KIND}: G {n_g:.2f} M + D {n_d:.2f} M parameters, {len(ds.images)} images "
               f"{tuple(ds.images.shape[1:])}, {device}{f' x {world} processes' if world > 1 else ''}, "
               f"bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
-    if cfg["eval_every"] and not ds.display_invert:
-        raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
-    # FID's real side, on rank 0, which alone evaluates
-    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] and rank == 0 else None
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 

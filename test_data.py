@@ -218,3 +218,14 @@ def test_curves_skip_rows_of_a_run_older_than_the_row_key(tmp_path):
     data.plot_curves(log.path, str(tmp_path / "curves.png"))
     with Image.open(tmp_path / "curves.png") as im:
         assert im.format == "PNG" and im.width > im.height
+
+
+def test_by_width_fills_only_what_nothing_gave():
+    args = argparse.Namespace(width=0.5, batch_size=None, lr=3e-4)
+    data.by_width(args, batch_size=(16, 64), lr=(1e-3, 2e-4))
+    assert (args.batch_size, args.lr) == (16, 3e-4)  # 0.5 is still the CPU recipe's; a given --lr stays
+    args = argparse.Namespace(width=0.75, batch_size=None, lr=None)
+    assert vars(data.by_width(args, batch_size=(16, 64), lr=(1e-3, 2e-4))) == {"width": 0.75, "batch_size": 64,
+                                                                                "lr": 2e-4}
+    assert data.default_text((1e-3, 2e-4), "docs/gan.md") == "(default: 1e-3 at --width <= 0.5, else 2e-4; docs/gan.md)"
+    assert data.default_text(64) == "(default: 64)"

@@ -38,7 +38,7 @@ def test_shapes(size, channels):
 
 def test_reference_size():
     """Width 1.0 on 64x64 kanji: channels taper toward the image side in both networks."""
-    G, D = gan.build(gan.config_from_args(gan.get_parser().parse_args([]), fake_dataset(size=64)))
+    G, D = gan.build(gan.config_from_args(gan.get_parser().parse_args(["--width", "1.0"]), fake_dataset(size=64)))
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
     assert 3.5e6 < n_g < 3.7e6 and 4.8e6 < n_d < 4.9e6
     assert [b.conv2.out_channels for b in D.blocks] == [64, 128, 256, 512]
@@ -122,7 +122,7 @@ def test_lr_decay_by_hand_and_started_on_resume(data_dir, tmp_path):
     assert [gan.lr_scale(s, 10, 4) for s in range(10)] == [1] * 7 + [0.75, 0.5, 0.25]
     assert [gan.lr_scale(s, 10, 0) for s in range(10)] == [1] * 10
     # a tiny run (4 steps an epoch) at constant rates, then resumed for a 2nd epoch that is its cool-down
-    gan.main(tiny_args(data_dir, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-d", "2e-3"))
+    gan.main(tiny_args(data_dir, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-d", "2e-3", "--lr-decay-epochs", "0"))
     gan.main(["--out", str(tmp_path), "--resume", "--data-dir", data_dir, "--epochs", "2", "--lr-decay-epochs", "1"])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in rows if r["row"] == "step"]  # one per step; step k logs the rates of 0-based step k - 1
@@ -135,6 +135,35 @@ def test_lr_decay_by_hand_and_started_on_resume(data_dir, tmp_path):
     assert ckpt["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(2e-3 / 4)
     with pytest.raises(data.GanjiError, match="--lr-decay-epochs must be between 0 and --epochs"):
         gan.main(tiny_args(data_dir, tmp_path / "bad", "--epochs", "2", "--lr-decay-epochs", "3"))
+
+
+def fake_checkpoint(path, **config):
+    """A gan checkpoint with no weights: what open_run reads of one (kind, version, config, counters, machine)."""
+    cfg = {**tiny_cfg(), "commands": ["python gan.py ..."], "trained_before": None, **config}
+    data.atomic_save({"kind": "gan", "version": data.FORMAT_VERSION, "config": cfg, "epoch": 1, "step": 4,
+                      "batch": 0, "train_seconds": 1.0, "machine": "Some CPU"}, str(path))
+
+
+def test_size_dependent_defaults_come_from_the_width_only_in_a_fresh_run(tmp_path):
+    """A fresh run takes --batch-size and --lr by --width and --lr-decay-epochs from --epochs; --resume and
+    --init-from take them from the checkpoint (--lr-decay-epochs, a run setting, only on --resume)."""
+    def resolved(*argv):
+        args, _ = data.open_run(gan.get_parser(), list(argv), "gan")
+        return vars(gan.recipe(args))
+
+    pick = lambda a: (a["width"], a["batch_size"], a["lr"], a["lr_decay_epochs"])
+    assert pick(resolved("--out", str(tmp_path / "a"), "--epochs", "19")) == (0.25, 16, 1e-3, 5)
+    assert pick(resolved("--out", str(tmp_path / "a"), "--width", "1.0")) == (1.0, 64, 2e-4, 25)
+    assert pick(resolved("--out", str(tmp_path / "a"), "--width", "0.5", "--epochs", "8")) == (0.5, 16, 1e-3, 2)
+    assert pick(resolved("--out", str(tmp_path / "a"), "--width", "1.0", "--batch-size", "8", "--lr", "5e-4",
+                         "--lr-decay-epochs", "0")) == (1.0, 8, 5e-4, 0)
+    (tmp_path / "run").mkdir()
+    fake_checkpoint(tmp_path / "run" / "ckpt.pt", width=1.0, batch_size=24, lr=3e-4, epochs=10, lr_decay_epochs=1)
+    assert pick(resolved("--out", str(tmp_path / "run"), "--resume", "--epochs", "30")) == (1.0, 24, 3e-4, 1)
+    assert pick(resolved("--out", str(tmp_path / "new"), "--init-from", str(tmp_path / "run" / "ckpt.pt"),
+                         "--epochs", "8")) == (1.0, 24, 3e-4, 2)
+    assert pick(resolved("--out", str(tmp_path / "new"), "--init-from", str(tmp_path / "run" / "ckpt.pt"),
+                         "--width", "0.25", "--lr", "1e-4")) == (0.25, 24, 1e-4, 25)
 
 
 def test_augment_is_differentiable_drawn_per_image_and_off_by_default(monkeypatch):

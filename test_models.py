@@ -3,13 +3,14 @@ one test per promise, each run for vae.py, gan.py and ddpm.py on the tiny config
 import importlib
 import json
 import os
+import shlex
 
 import pytest
 import torch
 
 import data
 import sample
-from conftest import ctrl_c_inside, run_cli, states_equal, tiny_args
+from conftest import ctrl_c_inside, fake_dataset, run_cli, states_equal, tiny_args, write_mnist
 
 KINDS = data.KINDS
 # the class whose forward pass runs once in every training step (and, with --sample-every 5, nowhere else)
@@ -200,3 +201,33 @@ def test_eval_every_writes_fid_rows_and_draws_curves(kind, data_dir, tmp_path):
         assert im.format == "PNG" and im.width > 2 * im.height
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 20
+
+
+@pytest.mark.parametrize("kind,short,spelled_out", [
+    ("gan", "--epochs 19 --out runs/gan_30min",
+     "--width 0.25 --batch-size 16 --lr 1e-3 --epochs 19 --lr-decay-epochs 5 --out runs/gan_30min"),
+    ("ddpm", "--epochs 9 --keep-every 3 --out runs/ddpm_30min",
+     "--width 0.25 --batch-size 32 --lr 1e-3 --epochs 9 --sample-every 3 --keep-every 3 --out runs/ddpm_30min"),
+])
+def test_the_30_minute_commands_are_the_defaults(kind, short, spelled_out):
+    """The README's short 30-minute commands train exactly what their spelled-out forms train: the same config but
+    for the run settings (data.RUN_KEYS, which --resume may change)."""
+    mod = importlib.import_module(kind)
+    ds = fake_dataset(n=12744, size=64)
+    configs = [mod.config_from_args(mod.get_parser().parse_args(shlex.split(cmd)), ds) for cmd in (short, spelled_out)]
+    same = [{k: v for k, v in c.items() if k not in data.RUN_KEYS + ("commands",)} for c in configs]
+    assert same[0] == same[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bad_flag_value_stops_before_the_run_folder_exists(kind, tmp_path):
+    """--eval-every on a dataset that is not glyphs: exit 2 with one line, and no run folder left behind."""
+    write_mnist(tmp_path)
+    res = run_cli(f"{kind}.py", *tiny_args(tmp_path, tmp_path / "run", "--dataset", "mnist", "--eval-every", "1"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--eval-every" in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_scripts_import_evaluate_only_when_eval_every_asks():
+    res = run_cli("-c", "import sys, vae, gan, ddpm; print('evaluate' in sys.modules)")
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr

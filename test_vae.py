@@ -9,7 +9,7 @@ import torch
 
 import data
 import vae
-from conftest import fake_dataset, states_equal, tiny_args
+from conftest import fake_dataset, run_cli, states_equal, tiny_args
 
 
 def tiny_cfg(**kw):
@@ -175,3 +175,10 @@ def test_gmm_run_carries_its_mixture_and_a_normal_run_has_none(data_dir, tmp_pat
     assert net.gmm_tril is None and not any(k.startswith("gmm") for k in net.state_dict())
     with pytest.raises(data.GanjiError, match="sample it with --prior normal"):
         vae.sample(net, cfg, 4, prior="gmm")
+
+
+def test_gmm_components_below_one_is_refused_before_the_run_folder_exists(data_dir, tmp_path):
+    res = run_cli("vae.py", *tiny_args(data_dir, tmp_path / "run", "--gmm-components", "0"))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1].endswith("error: argument --gmm-components: must be at least 1, got 0")
+    assert not (tmp_path / "run").exists()
