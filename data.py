@@ -1,9 +1,11 @@
-"""Data for GANji: built-in kanji rendered from a CJK font, image folders, MNIST and CIFAR-10.
+"""Data for GANji and the run pieces its three training scripts share, in two halves.
 
-Every dataset becomes one uint8 tensor (N, C, H, W) with ink bright on a dark background, kept on the
-training device and batched by `Batches` (seeded shuffle, cast and normalize on the device).
-The bottom of the file holds the few small pieces the three training scripts share (common flags, the
-resume rule, device, checkpoint files, Ctrl-C, metrics, grids); each script tells its own training story.
+Part 1, the data: built-in kanji rendered from a CJK font, image folders, MNIST and CIFAR-10. Every dataset
+becomes one uint8 tensor (N, C, H, W) with ink bright on a dark background, kept on the training device and
+batched by `Batches` (seeded shuffle, cast and normalize on the device).
+Part 2, the run pieces: the common flags and their defaults, the resume rule, device and precision, many
+processes, checkpoint files, Ctrl-C, latent walks, metrics and grids. Each script tells its own training story;
+nothing in part 2 calls back into a script.
 """
 import argparse
 import hashlib
@@ -61,11 +63,13 @@ def font_codepoints(path, lo=KANJI_RANGE[0], hi=KANJI_RANGE[1]):
     return sorted(c for c, glyph in cmap.items() if lo <= c <= hi and glyph != ".notdef")
 
 
-def render_glyphs(font_path, codepoints, image_size, progress=True):
-    """Render code points as (N, 1, S, S) uint8, ink = 255, every glyph at one scale and offset.
+def em_box(font_path, codepoints, image_size, progress=True):
+    """The one scale and offset every glyph is rendered at: (font size in px, origin x, origin y).
 
     The em box is the union of all glyphs' ink boxes at a reference size, scaled to fit the image
     with a margin of S/16 pixels: a thin 一 stays thin and in place instead of being stretched.
+    The origin is the pen position on the baseline (Pillow's anchor "ls"); font.py maps traced
+    outlines back to font units through the same three numbers.
     """
     from PIL import Image, ImageDraw, ImageFont
     from tqdm import tqdm
@@ -84,10 +88,19 @@ def render_glyphs(font_path, codepoints, image_size, progress=True):
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     margin = max(1, round(image_size / 16))
     scale = (image_size - 2 * margin) / max(x1 - x0, y1 - y0)
-    font = ImageFont.truetype(font_path, ref * scale)
     # the origin maps the union box's centre to the image centre
     ox = image_size / 2 + (canvas // 4 - (x0 + x1) / 2) * scale
     oy = image_size / 2 + (canvas * 3 // 4 - (y0 + y1) / 2) * scale
+    return ref * scale, ox, oy
+
+
+def render_glyphs(font_path, codepoints, image_size, progress=True):
+    """Render code points as (N, 1, S, S) uint8, ink = 255, every glyph at one scale and offset (em_box)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from tqdm import tqdm
+
+    size, ox, oy = em_box(font_path, codepoints, image_size, progress)
+    font = ImageFont.truetype(font_path, size)
     out = torch.empty(len(codepoints), 1, image_size, image_size, dtype=torch.uint8)
     for i, c in enumerate(tqdm(codepoints, desc="rendering kanji", disable=not progress, leave=False)):
         im = Image.new("L", (image_size, image_size))
@@ -132,10 +145,38 @@ def load_kanji(font=None, image_size=64, cache_dir="data", progress=True):
     return images, cps
 
 
+def glyph(source, image_size=64, font=None, data_dir="data"):
+    """The glyph to steer from, (1, 1, S, S) uint8, ink bright: one typed character, rendered exactly as the
+    training kanji are (same font, em box, size and polarity), or an image file, resized like a folder dataset,
+    made ink-bright if it is mostly bright (black ink on paper) and binarised at half ink."""
+    if len(source) == 1:
+        images, cps = load_kanji(font, image_size, data_dir, progress=False)
+        hit = (cps == ord(source)).nonzero()
+        if len(hit):
+            return images[hit[0, 0]][None].clone()
+        font = font or default_font()  # not among the kanji (kana, 々, a render equal to another's): draw it alike
+        if ord(source) not in font_codepoints(font, 0, 0x10FFFF):
+            raise GanjiError(f"the font {os.path.basename(font)} has no glyph for {source!r} (U+{ord(source):04X})")
+        from PIL import Image, ImageDraw, ImageFont
+        size, ox, oy = em_box(font, font_codepoints(font), image_size, progress=False)
+        im = Image.new("L", (image_size, image_size))
+        ImageDraw.Draw(im).text((ox, oy), source, fill=255, font=ImageFont.truetype(font, size), anchor="ls")
+        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(1, 1, image_size, image_size)
+    if not os.path.isfile(source):
+        raise GanjiError(f"{source!r} is neither one character nor an image file")
+    from PIL import Image
+    try:
+        with Image.open(source) as im:
+            im = im.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(1, 1, image_size, image_size)
+    except OSError:
+        raise GanjiError(f"{source} is not a readable image")
+    x = 255 - x if x.float().mean() > 127.5 else x
+    return torch.where(x >= 128, 255, 0).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Other sources: a folder of images, MNIST, CIFAR-10
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def load_folder(folder, image_size, channels, invert=False):
@@ -308,9 +349,11 @@ def _free_memory(device):
     return float("inf")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The small pieces the three training scripts share: their common flags, the resume rule, device and
-# precision, checkpoint files, Ctrl-C, metrics and grids. None of them calls back into a script.
+# ====================================================================================================
+# Part 2: the run pieces the three scripts share: their common flags and defaults, the resume rule, device and
+# precision, many processes, checkpoint files, Ctrl-C, latent walks, metrics and grids. None of them calls back
+# into a script.
+# ====================================================================================================
 
 # the run settings: on --resume these may differ from the checkpoint's config (given on the command line, they
 # win); everything else (data, architecture, optimizer, seed) is what the run is made of and stays
@@ -329,63 +372,92 @@ def at_least(low):
     return parse
 
 
-def add_common_args(parser, *, epochs, batch_size, lr, channels_last=True, run_keys=()):
-    """The flags every training script has, with the same names and meanings. run_keys: the script's own run
-    settings, beside RUN_KEYS (open_run reads them from parser.run_keys)."""
+# A flag whose best value depends on the model's size defaults to a pair: (at --width <= WIDE, above it)
+WIDE = 0.5
+RECIPE_RULE = ("Defaults are the CPU recipe at the default --width 0.25, the width of every shipped model. Flags "
+               f"whose best value depends on the model's size default by width: at width <= {WIDE:g} the recipe "
+               "measured on a 2-core CPU, above it the reference-architecture settings.")
+
+
+def by_width(args, **pairs):
+    """Set each flag of pairs still None (given neither on the command line nor by a checkpoint: a fresh run's) to
+    its value at this --width, pairs[flag] = (at --width <= WIDE, above it). -> args."""
+    for k, (small, large) in pairs.items():
+        if getattr(args, k) is None:
+            setattr(args, k, small if args.width <= WIDE else large)
+    return args
+
+
+def show(x):
+    """A default as -h writes it: 64, 1e-3, 2e-4."""
+    if isinstance(x, int):
+        return str(x)
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def default_text(value, doc=None):
+    """'(default: ...)' of a value or of a by-width pair, with the page where it was measured."""
+    text = (f"{show(value[0])} at --width <= {WIDE:g}, else {show(value[1])}" if isinstance(value, tuple)
+            else show(value))
+    return f"(default: {text}{'; ' + doc if doc else ''})"
+
+
+def add_common_args(parser, *, epochs, batch_size, lr, doc=None, channels_last=True, run_keys=()):
+    """The flags every training script has, with the same names and meanings. batch_size and lr: a value, or a
+    pair by width (see WIDE; None until by_width sets it); doc: the page their values were measured on. run_keys:
+    the script's own run settings, beside RUN_KEYS (open_run reads them from parser.run_keys)."""
     parser.run_keys = RUN_KEYS + tuple(run_keys)
+    parser.description = f"{parser.description} {RECIPE_RULE}" if parser.description else RECIPE_RULE
     parser.epilog = ("--resume continues the run in --out. Flags given with it that are run settings win: "
                      + ", ".join("--" + k.replace("_", "-") for k in parser.run_keys if k not in ("out", "resume"))
                      + ". Every other setting comes from the checkpoint; giving one with another value is an error.")
+    single = lambda value: None if isinstance(value, tuple) else value  # a pair: set later, by width
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="kanji",
                    help="kanji (rendered from a font) | mnist | cifar10 | a folder of images (default: %(default)s)")
-    g.add_argument("--data-dir", default="data",
-                   help="downloads and the kanji render cache go here (default: %(default)s)")
+    g.add_argument("--data-dir", default="data", help="downloads and the kanji render cache (default: %(default)s)")
     g.add_argument("--font", default=None,
-                   help="TTF/OTF/TTC for --dataset kanji (default: Noto Serif JP from pylopdf-fonts-jp)")
+                   help="TTF/OTF/TTC for --dataset kanji (default: Noto Serif JP, from pylopdf-fonts-jp)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="side in pixels; MNIST's 28x28 is resized to it (default: 64 kanji/folder, 32 mnist/cifar10)")
+                   help="side in pixels (default: 64 for kanji and folders, 32 for mnist and cifar10)")
     g.add_argument("--channels", type=int, default=None, choices=(1, 3),
-                   help="1 or 3 (default: 3 for cifar10, else 1)")
+                   help="image channels (default: 3 for cifar10, else 1)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N images (default: all)")
     g.add_argument("--invert", action="store_true", help="invert a dark-ink-on-white source (default: off)")
     g.add_argument("--hflip", action="store_true",
                    help="random horizontal flips (default: off; a mirrored kanji is not a kanji)")
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="total epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="the global batch: under torchrun each of N processes trains on its 1/N of it, so a run's "
-                        "flags mean the same on 1 or N processes; a multiple of N (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=at_least(1), default=epochs, help="total epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=at_least(1), default=single(batch_size),
+                   help="the global batch, split over torchrun's processes " + default_text(batch_size, doc))
+    g.add_argument("--lr", type=float, default=single(lr), help="learning rate " + default_text(lr, doc))
+    g.add_argument("--seed", type=int, default=0, help="of the weights, batches and grids (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="bf16 autocast or plain fp32; auto = bf16 on a CUDA GPU that has it, fp32 elsewhere (on CPUs "
-                        "bf16 was faster on one, slower on two; see data.use_bf16) (default: %(default)s)")
+                   help="bf16 autocast or fp32; auto: bf16 on a CUDA GPU that has it, else fp32 (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
-                   help=f"NHWC memory layout for the conv nets (default: {'on' if channels_last else 'off'}, "
-                        "the faster one on a CPU in bench.py)")
-    g.add_argument("--width", type=float, default=1.0,
-                   help="channel multiplier; 1.0 is the reference architecture (default: %(default)s)")
+                   help=f"NHWC memory layout (default: {'on' if channels_last else 'off'}, the faster on a CPU; "
+                        "bench.py)")
+    g.add_argument("--width", type=float, default=0.25,
+                   help="channel multiplier; 1.0 is the reference architecture (default: 0.25, the shipped models')")
     g.add_argument("--out", default=None, help="run folder (default: runs/<model>_<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt (see below)")
     g.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="start a new run from the sampling weights of a checkpoint of the same model, full or slim "
-                        "(fine-tuning, e.g. a pretrained/ file): settings not given come from it, the optimizer, "
-                        "learning-rate schedule and counters start fresh (default: off)")
+                   help="fine-tune: a new run from a checkpoint's sampling weights and settings, fresh optimizer "
+                        "(default: off)")
     g.add_argument("--sample-every", type=at_least(1), default=1,
                    help="save a sample grid every N epochs (default: %(default)s)")
     g.add_argument("--log-every", type=at_least(1), default=50,
                    help="write a metrics.jsonl row every N steps (default: %(default)s)")
     g.add_argument("--eval-every", type=at_least(0), default=0,
-                   help="every N epochs, FID and KID of min(1000, dataset size) samples against the dataset, in "
-                        "evaluate.py's kanji feature space (kanji and glyph folders only), into metrics.jsonl and "
-                        "curves.png; 0 = off (default: %(default)s)")
+                   help="every N epochs, FID and KID of glyph samples (evaluate.py) into metrics.jsonl; 0 = off "
+                        "(default: %(default)s)")
     g.add_argument("--keep-every", type=at_least(0), default=0,
-                   help="every N epochs, also keep a copy of ckpt.pt as ckpt_epochNNN.pt: earlier states to compare, "
-                        "resume or guide with (sample.py --guide); 0 = off (default: %(default)s)")
+                   help="every N epochs, also keep ckpt.pt as ckpt_epochNNN.pt, e.g. for --guide; 0 = off "
+                        "(default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="two steps of one epoch end to end, for tests")
     return parser
 
@@ -445,8 +517,13 @@ def take_settings(args, saved, given, keep):
 
 
 def data_from_args(args, progress=True):
-    return load_dataset(args.dataset, args.image_size, args.channels, args.limit, args.data_dir,
-                        args.font, args.invert, progress)
+    """The dataset of a script's flags; a training run's --eval-every is checked against it here, before any run
+    folder exists."""
+    ds = load_dataset(args.dataset, args.image_size, args.channels, args.limit, args.data_dir, args.font, args.invert,
+                      progress)
+    if getattr(args, "eval_every", 0) and not ds.display_invert:
+        raise GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
+    return ds
 
 
 def pick_device(name="auto"):
@@ -465,8 +542,8 @@ def keep_freed_memory():
 
     By default glibc mmaps large blocks (over 128 KiB, a threshold that adapts up to 32 MiB; a batch of
     activations is larger) and munmaps them on free, so each training step page-faults all its activations in
-    again: on the 2-core CPU that was half the step (DDPM width 1.0 bf16: 6.5 -> 3.2 s/step, bench.py). The
-    cost: the process keeps its peak memory until it exits. Returns whether it applied (glibc only; a no-op on
+    again: on a 2-core CPU that was half the step (measured, docs/bench.md). The cost: the process keeps its peak
+    memory until it exits. Returns whether it applied (glibc only; a no-op on
     macOS, Windows and musl)."""
     import ctypes
     if not sys.platform.startswith("linux"):
@@ -483,9 +560,9 @@ def keep_freed_memory():
 def use_bf16(device, precision):
     """Whether --precision means bf16 autocast on this device. auto: bf16 on a CUDA GPU that has it, fp32 on a CPU.
 
-    On CPUs bf16 was a gamble even where oneDNN reports it native (DDPM width 0.25, batch 64, s/step bf16 vs fp32):
-    AMD EPYC AVX-512 BF16 0.375 vs 0.561 (faster), Intel Xeon AVX-512 BF16 1.47 vs 0.99 (slower), AMD EPYC AVX2
-    16 vs 1.4 (emulated). fp32 is never the slow one by much, so a CPU trains in it unless told --precision bf16."""
+    On CPUs bf16 was a gamble even where oneDNN reports it native: faster on one CPU with AVX-512 BF16, slower on
+    another, and far slower where it is emulated (AVX2), while fp32 was never the slow one by much (measured,
+    docs/bench.md); so a CPU trains in fp32 unless told --precision bf16."""
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16" and device.type in ("cpu", "cuda")
@@ -494,6 +571,19 @@ def use_bf16(device, precision):
 def autocast(device, precision="auto"):
     """bf16 autocast where use_bf16 says so; a no-op context otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
+
+
+def native_bf16():
+    """Whether this CPU runs bf16 at speed: oneDNN's check (AVX-512 and up); elsewhere bf16 is emulated, slowly."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def sampling_precision(device):
+    """The precision a DDPM samples in: bf16 on a CUDA GPU that has it and on a CPU where it is native, where it
+    drew as well as fp32 at twice the speed (docs/bench.md); fp32 elsewhere."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
 
 
 # ----------------------------------------------------------------------------------------------------

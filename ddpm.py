@@ -1,7 +1,8 @@
 """Denoising diffusion (DDPM) on kanji with a U-Net, sampled fast with DDIM or DPM-Solver++.
 
-    python ddpm.py                                   # train on the built-in kanji, 64x64
-    python ddpm.py --width 0.25 --image-size 32 --limit 2000 --epochs 2 --out runs/ddpm_small
+    python ddpm.py --epochs 9 --keep-every 3 --out runs/ddpm_30min   # the 30-minute CPU recipe (docs/ddpm.md)
+    python ddpm.py --width 1.0                       # the reference U-Net, 100 epochs (a GPU job)
+    python ddpm.py --image-size 32 --limit 2000 --epochs 2 --out runs/ddpm_small
     python ddpm.py --out runs/ddpm_small --resume --epochs 3
 
 Training: pick a random step t, noise a clean batch in one shot with q(x_t | x_0), and teach the U-Net to
@@ -27,11 +28,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import evaluate
 
 KIND = "ddpm"
 NORM = "11"  # images in [-1, 1], the scale the noise schedule assumes
 SAMPLERS = ("ddim", "dpm++2m", "ancestral")
+# The sampling defaults, in one place: sample.py, the window and evaluate.py read them (a slim file's record may
+# recommend its own sampler and guide, which they prefer). The steering defaults: docs/steering.md.
+SAMPLER, STEPS, GUIDANCE = "dpm++2m", 20, 2.0
+STRENGTH = 0.5          # edit(): how much of the noise schedule a variation goes back through
+RESAMPLE, JUMP = 3, 5   # inpaint(): RePaint's resamplings and the length of each jump, in sampler moves
+# the size-dependent training defaults, (at --width <= data.WIDE, above it): the CPU recipe, then the reference's
+BATCH_SIZE, LR = (32, 64), (1e-3, 5e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -39,42 +46,47 @@ SAMPLERS = ("ddim", "dpm++2m", "ancestral")
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train a U-Net denoising diffusion model (DDPM, DDIM sampling).")
-    data.add_common_args(p, epochs=100, batch_size=64, lr=5e-4)
+    data.add_common_args(p, epochs=100, batch_size=BATCH_SIZE, lr=LR, doc="docs/ddpm.md")
     g = p.add_argument_group("ddpm")
     g.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)")
     g.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
                    help="noise schedule: linear beta 1e-4..0.02 (scaled by 1000/T) or cosine (default: %(default)s)")
     g.add_argument("--pred", default="v", choices=("eps", "v"),
-                   help="what the U-Net predicts: the noise eps or v = sqrt(ab) eps - sqrt(1-ab) x0; v by "
-                        "measurement: 1,000-sample FID 50.7 vs eps 323.8 after 600 steps, eps grids sit on grey "
-                        "noise (README) (default: %(default)s)")
+                   help="what the U-Net predicts: the noise eps or v = sqrt(ab) eps - sqrt(1-ab) x0 "
+                        "(default: %(default)s; docs/ddpm.md)")
     g.add_argument("--loss-weight", default="uniform", choices=("uniform", "min-snr"),
-                   help="per-step weight of the MSE: uniform, or min-SNR-gamma (Hang et al. 2023), which caps the "
-                        "weight of the easy low-noise steps; uniform by measurement with v: FID 50.7 vs 60.1 "
-                        "(README) (default: %(default)s)")
+                   help="per-step weight of the MSE: uniform, or min-SNR-gamma (Hang et al. 2023) "
+                        "(default: %(default)s; docs/ddpm.md)")
     g.add_argument("--snr-gamma", type=float, default=5.0,
                    help="gamma of --loss-weight min-snr (default: %(default)s)")
     g.add_argument("--attn", action="store_true",
                    help="self-attention across the pixels of each image at 1/4 and 1/8 resolution (default: off)")
     g.add_argument("--warmup", type=int, default=500,
-                   help="linear LR warm-up steps, at most a tenth of the run; then cosine decay to 0 "
+                   help="linear LR warm-up steps, at most a tenth of the run, then cosine decay to 0 "
                         "(default: %(default)s)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--ema-decay", type=float, default=0.999,
-                   help="decay of the EMA of the weights that draws the samples, ramped up as "
-                        "min(decay, (1 + step) / (10 + step)); 0 = off (default: %(default)s)")
+                   help="decay of the EMA of the weights that draws the samples, lower early on; 0 = off "
+                        "(default: %(default)s)")
     g.add_argument("--sample-steps", type=int, default=50,
                    help="DDIM steps (eta 0) for the per-epoch sample grids (default: %(default)s)")
     return p
+
+
+def recipe(args):
+    """The defaults that depend on --width, for what neither the command line nor a checkpoint gave (a fresh run's
+    flags; on --resume and with --init-from the checkpoint's): -> args with concrete numbers."""
+    return data.by_width(args, batch_size=BATCH_SIZE, lr=LR)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data
 
 def config_from_args(args, ds=None):
-    """vars(args) plus what the dataset decides (real size, channels, display), the steps per epoch and the
-    run's total steps (the learning-rate schedule's length)."""
+    """vars(args) with the recipe's defaults filled in, plus what the dataset decides (real size, channels, display),
+    the steps per epoch and the run's total steps (the learning-rate schedule's length)."""
+    args = recipe(args)
     ds = ds if ds is not None else data.data_from_args(args)
     n, c, s = ds.images.shape[:3]
     per_epoch = data.steps_per_epoch(n, args.batch_size)
@@ -193,7 +205,7 @@ def ch(n, width):
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 under bf16 autocast: steadier statistics, and on CPU the bf16
-    channels-last GroupNorm kernels are several times slower than float32 ones (measured)."""
+    channels-last GroupNorm kernels are much slower than float32 ones (measured, docs/bench.md)."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
@@ -294,7 +306,7 @@ class UNet(nn.Module):
         self.up2 = Up(2 * c1, c0, tdim, False)
         self.up3 = Up(2 * c0, c0, tdim, False)
         # default init for the output conv too: a zero-initialized one (as in ADM) starves every other layer of
-        # gradient until it has grown, which at 5e-4 took ~100 steps (loss 0.17 vs 0.05-0.14 at step 96, measured)
+        # gradient until it has grown, which cost the first hundred-odd steps (measured)
         self.out = nn.Sequential(norm(c0), nn.SiLU(), nn.Conv2d(c0, channels, 3, padding=1))
 
     def forward(self, x, t):
@@ -396,6 +408,7 @@ def ema_update(ema, net, decay):
 
 def main(argv=None):
     args, ckpt = data.open_run(get_parser(), argv, KIND)
+    recipe(args)  # before anything reads --batch-size, and before the config is saved
     rank, world, device = data.distributed(args)  # (0, 1, the --device) without torchrun
     ds = data.data_from_args(args, progress=rank == 0)
     cfg = config_from_args(args, ds)
@@ -408,6 +421,10 @@ def main(argv=None):
         data.set_rng_state(ckpt["rng"])
     elif cfg["init_from"]:
         trainer.init_from(data.load_checkpoint(cfg["init_from"], KIND), cfg["init_from"])
+    ref = None  # FID's real side, on rank 0, which alone evaluates; before the run folder, which a failure never leaves
+    if cfg["eval_every"] and rank == 0:
+        import evaluate  # only when asked for: it loads its feature network
+        ref = evaluate.reference(ds.images, ds.name, device=device)
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
     if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
         os.makedirs(out, exist_ok=True)
@@ -421,10 +438,6 @@ def main(argv=None):
         print(f"{KIND}: {n_params / 1e6:.2f} M parameters, {len(ds.images)} images {tuple(ds.images.shape[1:])}, "
               f"{device}{f' x {world} processes' if world > 1 else ''}, "
               f"bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
-    if cfg["eval_every"] and not ds.display_invert:
-        raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
-    # FID's real side, on rank 0, which alone evaluates
-    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] and rank == 0 else None
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
@@ -516,43 +529,62 @@ def check_guide(cfg, guide_cfg):
         raise data.GanjiError(f"the guide does not fit this model ({', '.join(diff)})")
 
 
-@torch.no_grad()
-def denoise(net, cfg, x, gen, sampler="ddim", steps=50, eta=0.0, progress=None, done=0, total=None,
-            guide=None, guidance=1.0, guide_min_t=0):
-    """Run the reverse process from x = x_T (on the net's device) to x_0 in [-1, 1].
+def timesteps(cfg, sampler, steps, t_start=None):
+    """The step indices a sampler visits, noisiest first, from t_start (default T - 1, where every free sample
+    starts from pure noise) down to 0: all of them for ancestral, else `steps` with trailing spacing."""
+    t_start = cfg["timesteps"] - 1 if t_start is None else t_start
+    if sampler == "ancestral":
+        return list(range(t_start, -1, -1))
+    return ddim_timesteps(t_start + 1, steps)[::-1]
 
-    Fresh noise for stochastic steps comes from the CPU generator `gen`, drawn once per step.
+
+def predict(net, cfg, x, t, ab_t, guide=None, guidance=1.0, guide_min_t=0):
+    """The (x0, eps) pair the network sees in x at step t, x0 clipped to [-1, 1].
+
     guide: a weaker network of the same diffusion (check_guide), e.g. an early checkpoint of the same run, for
-    autoguidance (Karras et al. 2024): every prediction becomes guidance * net + (1 - guidance) * guide, which
-    moves samples away from where the weaker model goes wrong; guidance 1 is the net alone. guide_min_t: guide
-    only the steps at t >= guide_min_t, the noisier part of the path, where the layout of a glyph is decided (a
-    guidance interval, Kynkäänniemi et al. 2024); 0 guides every step."""
+    autoguidance (Karras et al. 2024): the prediction becomes guidance * net + (1 - guidance) * guide, which moves
+    samples away from where the weaker model goes wrong; guidance 1 is the net alone. guide_min_t: guide only the
+    steps at t >= guide_min_t, the noisier part of the path, where the layout of a glyph is decided (a guidance
+    interval, Kynkäänniemi et al. 2024); 0 guides every step."""
+    tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+    with data.autocast(x.device, data.sampling_precision(x.device)):
+        out = net(x, tt).float()
+        # x0 and eps are affine in out at fixed x_t, so mixing outputs mixes the denoisers, as in the paper
+        if guide is not None and guidance != 1 and t >= guide_min_t:
+            out = guidance * out + (1 - guidance) * guide(x, tt).float()
+    return split_prediction(out, x, ab_t, cfg["pred"], clip=True)
+
+
+def reverse_step(sampler, x, x0, eps, t, ab_t, ab_next, sched, gen, eta=0.0, state=None):
+    """One move of a sampler from step t (signal ab_t) to the next step it visits (ab_next; 1.0 = clean).
+
+    state: DPM-Solver++'s previous x0 estimate and log-SNR step, None at the start. Fresh noise for stochastic
+    moves comes from the CPU generator gen. -> (x_next, state)."""
+    if sampler == "ancestral":
+        return ancestral_step(x0, x, t, sched, torch.randn(x.shape, generator=gen).to(x.device)), None
+    if sampler == "ddim":
+        noise = torch.randn(x.shape, generator=gen).to(x.device) if eta > 0 else None
+        return ddim_step(x0, eps, ab_t, ab_next, eta, noise), None
+    x0_prev, h_prev = state or (None, None)
+    x_next, h = dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab_t, ab_next)
+    return x_next, (x0, h)
+
+
+@torch.no_grad()
+def denoise(net, cfg, x, gen, sampler=SAMPLER, steps=STEPS, eta=0.0, progress=None, done=0, total=None,
+            guide=None, guidance=1.0, guide_min_t=0, t_start=None):
+    """Run the reverse process from x = x_t_start (on the net's device; default pure noise at T - 1) to x_0 in
+    [-1, 1]. progress(i, total) is called after every step."""
     if sampler not in SAMPLERS:
         raise data.GanjiError(f"unknown sampler {sampler!r} ({' | '.join(SAMPLERS)})")
     sched = schedule(cfg["timesteps"], cfg["schedule"])
     ab = sched["alpha_bar"].tolist()
-    ts = list(range(cfg["timesteps"] - 1, -1, -1)) if sampler == "ancestral" else \
-        ddim_timesteps(cfg["timesteps"], steps)[::-1]
-    device = x.device
-    stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
-    x0_prev = h_prev = None  # dpm++2m: the previous step's x0 estimate and log-SNR step
+    ts = timesteps(cfg, sampler, steps, t_start)
+    state = None
     for i, t in enumerate(ts):
-        tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-        with data.autocast(device):
-            out = net(x, tt).float()
-            # x0 and eps are affine in out at fixed x_t, so mixing outputs mixes the denoisers, as in the paper
-            if guide is not None and guidance != 1 and t >= guide_min_t:
-                out = guidance * out + (1 - guidance) * guide(x, tt).float()
-        x0, eps = split_prediction(out, x, ab[t], cfg["pred"], clip=True)
-        ab_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        if sampler == "ancestral":
-            x = ancestral_step(x0, x, t, sched, torch.randn(x.shape, generator=gen).to(device))
-        elif sampler == "ddim":
-            x = ddim_step(x0, eps, ab[t], ab_prev, eta, torch.randn(x.shape, generator=gen).to(device)
-                          if stochastic else None)
-        else:
-            x, h_prev = dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab[t], ab_prev)
-            x0_prev = x0
+        x0, eps = predict(net, cfg, x, t, ab[t], guide, guidance, guide_min_t)
+        x, state = reverse_step(sampler, x, x0, eps, t, ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else 1.0,
+                                sched, gen, eta, state)
         if progress is not None:
             progress(done + i + 1, total or len(ts))
     return x
@@ -574,23 +606,31 @@ def dpm_solver_2m_step(x, x0, x0_prev, h_prev, ab_t, ab_next):
     return ((1 - ab_next) / (1 - ab_t)) ** 0.5 * x - ab_next ** 0.5 * math.expm1(-h) * d, h
 
 
-def sample(net, cfg, n, seed=0, device="cpu", sampler="ddim", steps=50, eta=0.0, progress=None, batch_size=256,
-           guide=None, guidance=1.0, guide_min_t=0):
+def in_chunks(x, batch_size, device, run):
+    """run(chunk on device, index) over the rows of x, batch_size at a time -> [0, 1] images on the CPU."""
+    return data.denormalize(torch.cat([run(part.to(device), i).cpu() for i, part in enumerate(x.split(batch_size))]),
+                            NORM)
+
+
+def start_noise(cfg, n, seed):
+    """(generator, x_T): every sampler here draws its n start noises first, from a generator of its own."""
+    gen = torch.Generator().manual_seed(seed)
+    return gen, torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], generator=gen)
+
+
+def sample(net, cfg, n, seed=0, device="cpu", sampler=SAMPLER, steps=STEPS, eta=0.0, progress=None,
+           batch_size=256, guide=None, guidance=1.0, guide_min_t=0):
     """n images (n, C, H, W) in [0, 1] on CPU, ink bright. Same seed -> same images; global RNG untouched.
 
     Works in chunks of batch_size; the start noise of all n images is drawn first, so the deterministic
     samplers give the same images whatever the chunking. progress(i, total) is called after every step."""
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    xT = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], generator=gen)
-    per = cfg["timesteps"] if sampler == "ancestral" else len(ddim_timesteps(cfg["timesteps"], steps))
-    chunks = xT.split(batch_size)
-    out = [denoise(net, cfg, x.to(device), gen, sampler, steps, eta, progress, i * per, len(chunks) * per,
-                   guide, guidance, guide_min_t).cpu() for i, x in enumerate(chunks)]
-    return data.denormalize(torch.cat(out), NORM)
+    gen, xT = start_noise(cfg, n, seed)
+    per, chunks = len(timesteps(cfg, sampler, steps)), math.ceil(n / batch_size)
+    return in_chunks(xT, batch_size, torch.device(device), lambda x, i: denoise(
+        net, cfg, x, gen, sampler, steps, eta, progress, i * per, chunks * per, guide, guidance, guide_min_t))
 
 
-def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", steps=50, progress=None,
+def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler=SAMPLER, steps=STEPS, progress=None,
                 guide=None, guidance=1.0, guide_min_t=0):
     """(rows * frames, C, H, W) in [0, 1]: each row morphs between two start noises, decoded with a
     deterministic sampler (ddim with eta 0, or dpm++2m)."""
@@ -601,6 +641,116 @@ def interpolate(net, cfg, rows, frames, seed=0, device="cpu", sampler="ddim", st
     z0, z1 = torch.randn(rows, 2, math.prod(shape), generator=gen).unbind(1)  # each (rows, C*H*W)
     xT = data.latent_morph(z0, z1, frames).view(rows * frames, *shape)
     x = denoise(net, cfg, xT.to(device), gen, sampler, steps, 0.0, progress, guide=guide, guidance=guidance,
+                guide_min_t=guide_min_t)
+    return data.denormalize(x.cpu(), NORM)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steering: variations of a given glyph, a glyph completed around a part of it, a morph between two glyphs.
+# All of it happens at sampling time with the trained network, no training. Glyphs come in as (1, C, S, S) in
+# [0, 1], ink bright (data.glyph / 255).
+
+def edit(net, cfg, x0, strength=STRENGTH, n=16, seed=0, device="cpu", sampler=SAMPLER, steps=STEPS, eta=0.0,
+         progress=None, batch_size=256, guide=None, guidance=1.0, guide_min_t=0):
+    """SDEdit (Meng et al. 2022): n variations of the glyph x0 (1, C, S, S; or n glyphs, one each), each noised to the step that `strength` names
+    (t = ceil(strength * T) - 1) and denoised from there with the sampler, in ceil(strength * steps) steps.
+
+    strength near 0 gives the glyph back (one step from almost no noise); strength 1 starts from pure noise, the
+    very start noise sample() draws for this seed, so it is a free sample. Same inputs and seed, same images."""
+    if not 0 < strength <= 1:
+        raise data.GanjiError(f"--strength must be in (0, 1], got {strength}")
+    T = cfg["timesteps"]
+    t_start, k = max(0, math.ceil(strength * T) - 1), max(1, math.ceil(strength * steps))
+    gen, eps = start_noise(cfg, n, seed)
+    ab = schedule(T, cfg["schedule"])["alpha_bar"][t_start].item()
+    x = eps if t_start == T - 1 else ab ** 0.5 * (2 * x0.float() - 1) + (1 - ab) ** 0.5 * eps  # q(x_t | x_0)
+    per, chunks = len(timesteps(cfg, sampler, k, t_start)), math.ceil(n / batch_size)
+    return in_chunks(x, batch_size, torch.device(device), lambda xc, i: denoise(
+        net, cfg, xc, gen, sampler, k, eta, progress, i * per, chunks * per, guide, guidance, guide_min_t, t_start))
+
+
+def repaint_plan(n_steps, resample, jump):
+    """RePaint's walk (Lugmayr et al. 2022, its "jumps") over a sampler's n_steps moves, as a list of +1 (one
+    denoising move) and -jump (noise back up by jump moves). At every jump-th move the walk goes back and denoises
+    those moves again, resample - 1 times, so the network runs about resample times as often as for a sample."""
+    plan, i, done = [], 0, {}
+    while i < n_steps:
+        plan.append(1)
+        i += 1
+        if i % jump == 0 and i < n_steps and done.get(i, 0) < resample - 1:
+            done[i] = done.get(i, 0) + 1
+            plan.append(-jump)
+            i -= jump
+    return plan
+
+
+@torch.no_grad()
+def inpaint(net, cfg, x0, keep, n=16, seed=0, device="cpu", sampler=SAMPLER, steps=STEPS, resample=RESAMPLE,
+            jump=JUMP, eta=0.0, progress=None, batch_size=256, guide=None, guidance=1.0, guide_min_t=0):
+    """RePaint (Lugmayr et al. 2022): n completions of the glyph x0 (1, C, S, S; or n of them, one per completion)
+    that keep its pixels where keep (1, 1, S, S) is 1 and invent the rest. After every move of the sampler the kept pixels are put back, noised to the new
+    step (q(x_t | x_0)); walking back up by `jump` moves (q(x_b | x_a) = N(sqrt(ab_b / ab_a) x_a, (1 - ab_b / ab_a)
+    I)) and denoising again, resample - 1 times, lets the invented part agree with the kept one. Any sampler; the
+    multistep DPM-Solver++ restarts its history after each jump. The start noise is sample()'s for this seed, so
+    an empty mask with resample 1 is sample() itself, and the full mask gives x0 back."""
+    if resample < 1 or jump < 1:
+        raise data.GanjiError(f"--resample and --jump must be at least 1, got {resample} and {jump}")
+    sched = schedule(cfg["timesteps"], cfg["schedule"])
+    ab = sched["alpha_bar"].tolist()
+    ts = timesteps(cfg, sampler, steps)
+    level = lambda i: ab[ts[i]] if i < len(ts) else 1.0  # signal at the plan's level i (len(ts): clean)
+    plan = repaint_plan(len(ts), resample, jump)
+    gen, xT = start_noise(cfg, n, seed)
+    total = sum(m > 0 for m in plan) * math.ceil(n / batch_size)
+    calls = [0]
+
+    def run(x, chunk):
+        part = x0 if len(x0) == 1 else x0[chunk * batch_size:chunk * batch_size + len(x)]  # one source, or one each
+        src, m = (2 * part.float() - 1).to(x.device), keep.float().to(x.device)
+        i, state = 0, None
+        for move in plan:
+            if move > 0:
+                x0_hat, eps = predict(net, cfg, x, ts[i], level(i), guide, guidance, guide_min_t)
+                x, state = reverse_step(sampler, x, x0_hat, eps, ts[i], level(i), level(i + 1), sched, gen, eta,
+                                        state)
+                i += 1
+                a = level(i)
+                known = src if a >= 1 else a ** 0.5 * src + (1 - a) ** 0.5 * torch.randn(x.shape, generator=gen).to(
+                    x.device)
+                x = m * known + (1 - m) * x
+                calls[0] += 1
+                if progress is not None:
+                    progress(calls[0], total)
+            else:
+                r = level(i + move) / level(i)
+                x = r ** 0.5 * x + (1 - r) ** 0.5 * torch.randn(x.shape, generator=gen).to(x.device)
+                i, state = i + move, None
+        return x
+
+    return in_chunks(xT, batch_size, torch.device(device), run)
+
+
+@torch.no_grad()
+def invert(net, cfg, x0, steps=STEPS, device="cpu", guide=None, guidance=1.0, guide_min_t=0):
+    """DDIM inversion (Song et al. 2021, section 4.3: the deterministic DDIM step run from x0 towards noise, with
+    each move's prediction taken at its start): the start noise (N, C, S, S) from which DDIM with eta 0 and
+    `steps` steps draws about the glyphs x0 (N, C, S, S) in [0, 1]."""
+    ab = schedule(cfg["timesteps"], cfg["schedule"])["alpha_bar"].tolist()
+    levels = sorted({0, *timesteps(cfg, "ddim", steps)})
+    x = (2 * x0.float() - 1).to(device)
+    for a, b in zip(levels, levels[1:]):
+        x0_hat, eps = predict(net, cfg, x, a, ab[a], guide, guidance, guide_min_t)
+        x = ab[b] ** 0.5 * x0_hat + (1 - ab[b]) ** 0.5 * eps
+    return x.cpu()
+
+
+def morph(net, cfg, xa, xb, frames=16, device="cpu", steps=STEPS, progress=None, guide=None, guidance=1.0,
+          guide_min_t=0):
+    """(frames, C, S, S) in [0, 1]: glyph xa turning into glyph xb. Both are inverted to their DDIM start noises
+    (invert), which are joined along the great circle (data.latent_morph) and decoded with DDIM."""
+    za, zb = (invert(net, cfg, x, steps, device, guide, guidance, guide_min_t).flatten(1) for x in (xa, xb))
+    z = data.latent_morph(za, zb, frames).view(frames, *xa.shape[1:])
+    x = denoise(net, cfg, z.to(device), None, "ddim", steps, 0.0, progress, guide=guide, guidance=guidance,
                 guide_min_t=guide_min_t)
     return data.denormalize(x.cpu(), NORM)
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import ddpm
 import sample
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kanji_features.pt")
@@ -452,24 +453,22 @@ def load_images(path, size):
     return 255 - x if x.float().mean() > 127.5 else x
 
 
-def sample_checkpoint(kind, path, n, seed, device, batch_size, guide=None, guidance=None, guide_min_t=None,
-                      **sampler):
-    """n samples of a checkpoint, in batches: (n, C, S, S) [0, 1], config, kind, and sample.load_guide's dict (its
-    defaults filled in; {} unguided). sampler: the DDPM's sampler and steps (default: ddpm.sample's), the VAE's
-    prior (default: the run's); guide: a DDPM's guide checkpoint (sample.py --guide, --guidance, --guide-min-t)."""
+def sample_checkpoint(args, device):
+    """args.n samples of args.ckpt in batches of args.batch_size -> (n, C, S, S) [0, 1], config, kind, the sampling
+    options (sample.sampling: flags given win, the rest is what the file's record recommends), a few words on
+    them and the guide's path. The same n and seed give the same samples."""
     from tqdm import tqdm
 
-    mod, net, cfg = sample.load_any(kind, path, device)
+    mod, net, cfg = sample.load_any(args.kind, args.ckpt, device)
     if cfg.get("dataset", "kanji") != "kanji":
-        raise data.GanjiError(f"{path} was trained on {cfg.get('dataset')}; the feature network knows only kanji")
-    guided = sample.load_guide(guide, guidance, mod, cfg, device, min_t=guide_min_t)
-    sampler.update(guided)
+        raise data.GanjiError(f"{args.ckpt} was trained on {cfg.get('dataset')}; the feature network knows only kanji")
+    opts, how, guide = sample.sampling(args, mod, cfg, device)
     out = []
-    for b, i in enumerate(tqdm(range(0, n, batch_size), desc=f"sampling {mod.KIND}", leave=False)):
-        # one seed per batch, derived from --seed: the same n and seed give the same samples
-        out.append(sample.generate(mod, net, cfg, min(batch_size, n - i), seed=seed * 1_000_003 + b, device=device,
-                                   **sampler))
-    return torch.cat(out).float().cpu(), cfg, mod.KIND, guided
+    for b, i in enumerate(tqdm(range(0, args.n, args.batch_size), desc=f"sampling {mod.KIND}", leave=False)):
+        # one seed per batch, derived from --seed
+        out.append(sample.generate(mod, net, cfg, min(args.batch_size, args.n - i), seed=args.seed * 1_000_003 + b,
+                                   device=device, **opts))
+    return torch.cat(out).float().cpu(), cfg, mod.KIND, opts, how, guide
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,20 +513,84 @@ def calibrate(args, ref, ds, net):
     return results
 
 
-def write_record(path, m, sampler, guide=None, guidance=None, guide_min_t=0):
-    """Put the figures into a slim file's record, so that `sample.py info` and the window show them; with a
-    DDPM's guide, also that guide (its path relative to the file's folder), weight and least guided t, which the
-    window uses."""
+# ----------------------------------------------------------------------------------------------------
+# Steering: variations and completions of a seeded set of real kanji, measured against the whole font
+
+def pair_iou(a01, b01, keep=None, shift=COPY_SHIFT):
+    """IoU of the binarized glyphs a and b (N, 1, S, S) pair by pair (N,): best over shifts of up to `shift` px, or,
+    with a keep mask (1, 1, S, S), over the kept pixels only and unshifted (does a completion keep its source?)."""
+    a, b = a01.float() > 0.5, b01.float() > 0.5
+    if keep is not None:
+        m = keep.bool()
+        return ((a & b & m).flatten(1).sum(1) / ((a | b) & m).flatten(1).sum(1).clamp(min=1)).float()
+    S, P = a.shape[-1], shift
+    windows = F.unfold(F.pad(b.float(), (P, P, P, P)), S)        # (N, S*S, shifts)
+    inter = (a.float().flatten(1)[:, :, None] * windows).sum(1)    # (N, shifts)
+    union = a.float().flatten(1).sum(1)[:, None] + windows.sum(1) - inter
+    return (inter / union.clamp(min=1)).amax(1)
+
+
+def steering(args, ref, ds, device):
+    """The steering table: free samples, variations at each of --strengths and completions around each of --masks,
+    of --sources kanji drawn from the font with --seed, --per samples each, measured like any samples against the
+    whole font, plus how close each stays to its own source (pair_iou) and, for completions, the kept pixels'
+    agreement with it."""
+    mod, net, cfg = sample.load_any(args.kind, args.ckpt, device)
+    if mod.KIND == "gan":
+        raise data.GanjiError("--steering measures a DDPM or a VAE: the GAN cannot start from a given glyph")
+    opts, how, _ = sample.sampling(args, mod, cfg, device)
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(ds.images), generator=g)[:args.sources]
+    x0 = (ds.images[pick].float() / 255).repeat_interleave(args.per, 0)  # (sources * per, 1, S, S)
+    n = len(x0)
+    ddpm_opts = sample.pick(mod, opts, ("sampler", "steps", "eta", "guide", "guidance", "guide_min_t"))
+    rows = [("free samples", None, lambda: mod.sample(net, cfg, n, args.seed, device, **ddpm_opts)
+             if mod.KIND == "ddpm" else mod.sample(net, cfg, n, args.seed, device))]
+    for s in (float(v) for v in args.strengths.split(",")):
+        rows.append((f"variations, strength {s:g}", None, lambda s=s: mod.edit(net, cfg, x0, s, n, args.seed, device,
+                                                                              **ddpm_opts)
+                     if mod.KIND == "ddpm" else mod.variations(net, cfg, x0, n, s, args.seed, device)))
+    for name in args.masks.split(",") if mod.KIND == "ddpm" and args.masks else []:
+        keep = sample.keep_mask(name, cfg["image_size"])
+        rows.append((f"completions, keep {name}", keep, lambda keep=keep: mod.inpaint(
+            net, cfg, x0, keep, n, args.seed, device, resample=args.resample or ddpm.RESAMPLE,
+            jump=args.jump or ddpm.JUMP, **ddpm_opts)))
+    print(f"{mod.KIND} {args.ckpt}, {how or 'its sampler'}; {args.sources} kanji x {args.per} samples, seed {args.seed}")
+    print(TABLE_HEAD.replace("| images |", "| steering |").replace(" |\n", " | IoU to source, median | source copies | "
+                                                                 "kept IoU, median | seconds |\n", 1)
+          .replace("| --- |\n", "| --- | --- | --- | --- | --- |\n"))
+    results = []
+    for name, keep, draw in rows:
+        t0 = time.time()
+        x = draw()
+        seconds = time.time() - t0
+        m = measure(x, ref, seed=args.seed)
+        near = pair_iou(x, x0)
+        m.update(row=name, seconds=round(seconds, 1), source_iou_median=near.median().item(),
+                 source_copy_rate=(near > COPY_IOU).double().mean().item(),
+                 kept_iou_median=pair_iou(x, x0, keep).median().item() if keep is not None else None)
+        kept = f"{m['kept_iou_median']:.3f}" if keep is not None else "-"
+        print(f"{table_row(m)} {m['source_iou_median']:.3f} | {m['source_copy_rate']:.3f} | {kept} | {seconds:.0f} |",
+              flush=True)
+        results.append(m)
+    return results
+
+
+def write_record(path, m, how, opts, guide=None):
+    """Put the figures into a slim file's record, so that `sample.py info` and the window show them. A DDPM's
+    record also keeps the sampling they were measured with, which sample.py, the window and evaluate.py then use
+    by default: sampler, steps, and the guide (its path relative to the file's folder), weight and least guided t."""
     ckpt = data.load_checkpoint(path)
     if not ckpt.get("slim"):
         raise data.GanjiError(f"--record writes into slim files only; make one with: "
                               f"python sample.py export {path} OUT")
     keys = ("n", "fid", "kid", "precision", "recall", "near_copy_rate", "gray_share", "reference_gray_share")
-    ckpt["record"]["evaluate"] = {**{k: m[k] for k in keys},
-                                  "sampler": sampler, "date": time.strftime("%Y-%m-%d")}
-    ckpt["record"]["guide"] = None if guide is None else \
-        {"file": os.path.relpath(guide, os.path.dirname(os.path.abspath(path))), "guidance": guidance,
-         "min_t": guide_min_t}
+    ckpt["record"]["evaluate"] = {**{k: m[k] for k in keys}, "sampler": how or None, "date": time.strftime("%Y-%m-%d")}
+    if ckpt["kind"] == "ddpm":
+        ckpt["record"]["sampling"] = {"sampler": opts["sampler"], "steps": opts["steps"]}
+        ckpt["record"]["guide"] = None if "guide" not in opts else \
+            {"file": os.path.relpath(guide, os.path.dirname(os.path.abspath(path))), "guidance": opts["guidance"],
+             "min_t": opts["guide_min_t"]}
     data.atomic_save(ckpt, path)
     print(f"wrote the figures into {path}'s record")
 
@@ -552,9 +615,10 @@ def get_parser():
                                             "(near-copy rate) of fake kanji against the kanji training set.")
     p.add_argument("kind", nargs="?", choices=("vae", "gan", "ddpm", "auto"), help="model kind of CKPT")
     p.add_argument("ckpt", nargs="?", help="checkpoint to sample from (full or slim)")
-    p.add_argument("--sampler", default=None, choices=("ddim", "dpm++2m", "ancestral"),
-                   help="DDPM sampler (default: ddpm.py's, ddim)")
-    p.add_argument("--steps", type=int, default=None, help="DDPM sampler steps (default: ddpm.py's, 50)")
+    p.add_argument("--sampler", default=None, choices=ddpm.SAMPLERS,
+                   help=f"DDPM sampler (default: the file's record, else {ddpm.SAMPLER})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"DDPM sampler steps (default: the record's, else {ddpm.STEPS})")
     p.add_argument("--prior", default=None, choices=("normal", "gmm"),
                    help="VAE latents: N(0, I) or its fitted mixture (default: the run's --prior)")
     sample.add_guide_args(p)
@@ -564,6 +628,8 @@ def get_parser():
                    help="measure these instead: a folder of glyph images (recursively) or one grid PNG as "
                         "sample.py writes it; black-on-white or white-on-black")
     p.add_argument("--calibrate", action="store_true", help="print the calibration table rows")
+    p.add_argument("--steering", action="store_true",
+                   help="with KIND CKPT: the steering table (variations and completions, docs/steering.md)")
     p.add_argument("--train-features", action="store_true", help="train the feature network and write --features")
     p.add_argument("--n", type=int, default=2000,
                    help="samples to draw, or rows per calibration set (default: %(default)s)")
@@ -575,6 +641,15 @@ def get_parser():
                    help="also draw the 32 samples closest to a training glyph, each beside that glyph")
     p.add_argument("--batch-size", type=int, default=250,
                    help="sampling batch (default: %(default)s); 256 when training features")
+    g = p.add_argument_group("--steering")
+    g.add_argument("--sources", type=int, default=200, help="kanji to steer from, drawn with --seed (default: 200)")
+    g.add_argument("--per", type=int, default=10, help="samples per source kanji (default: %(default)s)")
+    g.add_argument("--strengths", default="0.2,0.35,0.5,0.65,0.8",
+                   help="variations' strengths, comma-separated (default: %(default)s)")
+    g.add_argument("--masks", default="left,top,outside",
+                   help="completions' masks, comma-separated; empty for none (default: %(default)s)")
+    g.add_argument("--resample", type=int, default=None, help=f"completions' resamplings (default: {ddpm.RESAMPLE})")
+    g.add_argument("--jump", type=int, default=None, help=f"completions' jump length (default: {ddpm.JUMP})")
     g = p.add_argument_group("reference set")
     g.add_argument("--font", default=None,
                    help="font of the reference kanji (default: the checkpoint's, else Noto Serif JP)")
@@ -604,8 +679,10 @@ def main(argv=None):
     modes = sum([args.ckpt is not None, args.images is not None, args.calibrate, args.train_features])
     if modes != 1 or (args.kind is None) != (args.ckpt is None):
         raise data.GanjiError("give exactly one of: KIND CKPT, --images PATH, --calibrate, --train-features")
-    if args.record and not args.ckpt:
-        raise data.GanjiError("--record needs KIND CKPT: it writes the figures into that slim file")
+    if args.record and (not args.ckpt or args.steering):
+        raise data.GanjiError("--record needs KIND CKPT (and no --steering): it writes the figures into that slim file")
+    if args.steering and not args.ckpt:
+        raise data.GanjiError("--steering needs KIND CKPT: the model whose variations and completions it measures")
     if args.n < 2 or args.batch_size < 1:
         raise data.GanjiError("--n must be at least 2 and --batch-size at least 1")
     if args.train_features:
@@ -619,17 +696,11 @@ def main(argv=None):
 
     t0 = time.time()
     images, cfg, source = None, {}, None
-    if args.ckpt:
-        sampler = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("prior", args.prior))
-                   if v is not None}
-        images, cfg, kind, guided = sample_checkpoint(args.kind, args.ckpt, args.n, args.seed, device,
-                                                      args.batch_size, args.guide, args.guidance, args.guide_min_t,
-                                                      **sampler)
-        by = f"guided by {args.guide} ({sample.guide_text(guided['guidance'], guided['guide_min_t'])}), " \
-            if guided else ""
-        how = {"ddpm": f"{args.sampler or 'ddim'} {args.steps or 50} steps, {by}",
-               "vae": f"{args.prior or cfg.get('prior', 'normal')} prior, ", "gan": ""}[kind]
-        source = f"{kind} {args.ckpt} ({how}seed {args.seed})"
+    if args.ckpt and not args.steering:
+        images, cfg, kind, opts, how, guide = sample_checkpoint(args, device)
+        source = f"{kind} {args.ckpt} ({how + ', ' if how else ''}seed {args.seed})"
+    elif args.steering:
+        cfg = data.load_checkpoint(args.ckpt, args.kind, mmap=True)["config"]
     size = args.image_size or cfg.get("image_size") or 64
     font = args.font or cfg.get("font")
     ref, ds = kanji_reference(font, size, args.data_dir, net, device, args.limit)
@@ -641,6 +712,8 @@ def main(argv=None):
     print(TABLE_HEAD)
     if args.calibrate:
         results = calibrate(args, ref, ds, net)
+    elif args.steering:
+        results = steering(args, ref, ds, device)
     else:
         m = measure(images, ref, seed=args.seed, pairs=args.pairs)
         m["source"] = source
@@ -652,8 +725,7 @@ def main(argv=None):
               f"{m['n']} images vs {m['reference_n']} references, {m['seconds_total']:.0f} s")
         results = m
         if args.record:
-            write_record(args.ckpt, m, how.rstrip(", ") or None, args.guide, guided.get("guidance"),
-                         guided.get("guide_min_t", 0))
+            write_record(args.ckpt, m, how, opts, guide)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"features": feature_note, "results": results}, f, indent=2)

@@ -285,6 +285,7 @@ def test_cli_record_with_a_guide(data_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     r = data.load_checkpoint(str(slim))["record"]
     assert r["guide"] == {"file": "guide.pt", "guidance": 1.5, "min_t": 400} and r["evaluate"]["n"] == 20
-    assert r["evaluate"]["sampler"] == f"ddim 3 steps, guided by {guide} (guidance 1.5, t >= 400)"
+    assert r["evaluate"]["sampler"] == "dpm++2m 3 steps, guided by guide.pt (guidance 1.5, t >= 400)"
+    assert r["sampling"] == {"sampler": "dpm++2m", "steps": 3}  # what sample.py and the window now use for it
     assert sample.recorded_guide(str(slim)) == (str(guide), 1.5, 400)
     assert "guide: guide.pt (guidance 1.5, t >= 400), beside this file" in sample.describe(str(slim))

@@ -167,7 +167,7 @@ def _wait(root, app, timeout=120):
         root.update()
 
 
-def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
+def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path, data_dir):
     import tkinter as tk
     from PIL import Image, ImageGrab
     import io
@@ -176,13 +176,14 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
     runs = os.path.dirname(os.path.dirname(ckpts["vae"]))
     root = tk.Tk()
     try:
-        app = tkinter_gui.App(root, runs)
-        # the pretrained files first (the three models and the DDPM's guide), the pretrained DDPM selected, then the
-        # runs
-        assert app.paths[:4] == sorted([*PRETRAINED.values(), GUIDE]) and len(app.paths) == 7
+        app = tkinter_gui.App(root, runs, data_dir=data_dir)
+        # the pretrained models first (the DDPM's guide is its part, not a model), the DDPM selected, then the runs
+        assert app.paths[:3] == sorted(PRETRAINED.values()) and len(app.paths) == 6 and GUIDE not in app.paths
         assert app.paths[app.listbox.curselection()[0]] == PRETRAINED["ddpm"]
-        assert "FID" in app.record.get() and "trained:" in app.record.get() and "guide:" in app.record.get()
-        assert (app.sampler.get(), app.steps.get()) == (tkinter_gui.SAMPLER, tkinter_gui.STEPS)
+        info = app.record.get()
+        assert "FID" in info and "trained:" in info and "guide:" in info and info.count("command:") == 1
+        how = sample.recommended(PRETRAINED["ddpm"])
+        assert (app.sampler.get(), app.steps.get()) == (how["sampler"], how["steps"])
         for kind in ("gan", "vae", "ddpm"):  # each pretrained model, with the window's default settings
             app.select(PRETRAINED[kind])
             app.generate_button.invoke()
@@ -201,16 +202,33 @@ def test_gui_generates_in_a_real_window(ckpts, xvfb, tmp_path):
         shot.save(tmp_path / "gui.png")
         assert shot.convert("L").getextrema()[0] < 64  # the window shows dark ink somewhere
 
+        # steering the tiny DDPM from a typed kanji: each mode draws 16 glyphs and shows the typed one(s) beside
         app.select(ckpts["ddpm"])
         app.steps.set(3)
+        for mode, sources in (("variations", 1), ("complete left", 1), ("complete outside", 1), ("morph to", 2)):
+            app.mode.set(mode)
+            app.generate_button.invoke()
+            _wait(root, app)
+            assert app.status.get().startswith("Showing ddpm"), (mode, app.status.get())
+            assert app.images.shape[0] == 16 and app.source_photo.height() > sources * 60, mode
+        app.mode.set("variations")
+        app.select(ckpts["gan"])
+        app.generate_button.invoke()
+        _wait(root, app)
+        assert app.status.get().startswith("Error:") and "the GAN cannot start from a given glyph" in app.status.get()
+        app.mode.set("new")
+        app.select(ckpts["ddpm"])
         app.generate_button.invoke()
         _wait(root, app)
         assert app.status.get().startswith("Showing ddpm") and "training checkpoint" in app.record.get()
         assert "guided" not in app.status.get()  # a training checkpoint names no guide
+        app.save_font(str(tmp_path / "grid.otf"))  # "Save as font...": the grid shown
+        _wait(root, app)
+        assert app.status.get().startswith("Saved") and (tmp_path / "grid.otf").stat().st_size > 0, app.status.get()
         app.select(ckpts["vae"])
         app.morph_button.invoke()
         _wait(root, app)
-        assert len(app.frames) == 12, app.status.get()
+        assert app.status.get().startswith("Showing vae"), app.status.get()
 
         bad = tmp_path / "bad.pt"
         bad.write_text("nope")

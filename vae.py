@@ -1,7 +1,8 @@
 """GANji VAE: a ResNet variational autoencoder that learns kanji (or MNIST, CIFAR-10, a folder of images).
 
-    python vae.py                                          # built-in kanji, 64x64, reference width 1.0
-    python vae.py --width 0.25 --limit 2000 --epochs 2 --out runs/vae_small
+    python vae.py                                          # built-in kanji, 64x64, width 0.25, 100 epochs
+    python vae.py --width 1.0                              # the reference architecture (a GPU job)
+    python vae.py --limit 2000 --epochs 2 --out runs/vae_small
     python vae.py --out runs/vae_small --resume --epochs 3
 
 Encoder: conv -> 7 residual blocks (64 -> 512 channels, 64x64 -> 4x4) -> linear -> (mu, logvar).
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import evaluate
 
 KIND = "vae"
 NORM = "01"
@@ -38,25 +38,25 @@ NORM = "01"
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the GANji ResNet VAE.")
-    # channels_last: 1.4x faster in fp32 at width 0.25 on an AVX2 CPU (1.07 vs 1.45 s/step, batch 64); NCHW was
-    # 1.14x (width 1) to 1.40x (width 0.25) faster in bf16 on an AVX-512 BF16 one, which passes --no-channels-last
+    # channels_last: faster in fp32 on a CPU; in bf16 on one with AVX-512 BF16 NCHW was faster, so a bf16 run there
+    # passes --no-channels-last (measured with bench.py, docs/bench.md)
     data.add_common_args(p, epochs=100, batch_size=64, lr=1e-3)
     g = p.add_argument_group("vae")
     g.add_argument("--latent-dim", type=int, default=64, help="size of the latent z (default: %(default)s)")
-    # beta 0.1 and --prior gmm: FID 43.7 after 3 epochs at width 0.25 (evaluate.py, 2,000 samples), against 46.0 for
-    # beta 0.25 and 71.9 for beta 1 with the same prior; from N(0, I) the same runs scored 61.4 (0.25) and 81.8 (1)
-    g.add_argument("--beta", type=float, default=0.1, help="weight of the KL term (default: %(default)s)")
+    # beta 0.1 with --prior gmm scored best among 0.1, 0.25 and 1, and each beta better with the mixture than with
+    # N(0, I) (measured with evaluate.py, docs/vae.md)
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="weight of the KL term (default: %(default)s; docs/vae.md)")
     g.add_argument("--kl-warmup", type=float, default=0.0,
                    help="epochs over which the KL weight ramps linearly from 0 to --beta; 0 = off "
                         "(default: %(default)s)")
     g.add_argument("--free-bits", type=float, default=0.0,
-                   help="nats of KL per latent dimension the loss does not penalise (batch mean; Kingma et al. "
-                        "2016); 0 = off (default: %(default)s)")
+                   help="nats of KL per latent dimension left unpenalised (Kingma et al. 2016); 0 = off "
+                        "(default: %(default)s)")
     g.add_argument("--prior", default="gmm", choices=("normal", "gmm"),
-                   help="what samples decode: z ~ N(0, I), or z from a Gaussian mixture fitted to the training "
-                        "images' posterior means after every epoch (sample.py and evaluate.py can pick either "
-                        "for a gmm run) (default: %(default)s)")
-    g.add_argument("--gmm-components", type=int, default=10,
+                   help="samples decode z ~ N(0, I), or a mixture fitted to the posterior means "
+                        "(default: %(default)s; docs/vae.md)")
+    g.add_argument("--gmm-components", type=data.at_least(1), default=10,
                    help="components of the --prior gmm mixture, full covariance (default: %(default)s)")
     return p
 
@@ -250,6 +250,10 @@ def main(argv=None):
         data.set_rng_state(ckpt["rng"])
     elif cfg["init_from"]:
         trainer.init_from(data.load_checkpoint(cfg["init_from"], KIND), cfg["init_from"])
+    ref = None  # FID's real side, on rank 0, which alone evaluates; before the run folder, which a failure never leaves
+    if cfg["eval_every"] and rank == 0:
+        import evaluate  # only when asked for: it loads its feature network
+        ref = evaluate.reference(ds.images, ds.name, device=device)
     out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "ckpt.pt")
     if rank == 0:  # rank 0 alone writes the run folder: logs, grids, evaluations, checkpoints
         os.makedirs(out, exist_ok=True)
@@ -265,12 +269,6 @@ def main(argv=None):
               f"bf16 {data.use_bf16(device, cfg['precision'])}, epoch {epoch}/{epochs}, run folder {out}")
     # a fixed spread of 32 dataset images for the reconstruction grid
     fixed = data.normalize(ds.images[torch.linspace(0, len(ds.images) - 1, min(32, len(ds.images))).long()], NORM)
-    if cfg["prior"] == "gmm" and cfg["gmm_components"] < 1:
-        raise data.GanjiError("--gmm-components must be at least 1")
-    if cfg["eval_every"] and not ds.display_invert:
-        raise data.GanjiError("--eval-every scores glyphs only: evaluate.py's feature network knows kanji")
-    # FID's real side, on rank 0, which alone evaluates
-    ref = evaluate.reference(ds.images, ds.name, device=device) if cfg["eval_every"] and rank == 0 else None
     t_run = time.perf_counter()
     save = lambda: save_checkpoint(ckpt_path, trainer, epoch, batch, seconds + time.perf_counter() - t_run)
 
@@ -417,6 +415,33 @@ def interpolate(net, cfg, rows, frames, seed=0, device="cpu", spherical=True, pr
     """rows * frames images (row-major) in [0, 1]: each row morphs between two latents of the prior."""
     z0, z1 = draw_latents(net, cfg, 2 * rows, torch.Generator().manual_seed(seed), prior).view(2, rows, -1)
     return decode(net, data.latent_morph(z0, z1, frames, spherical), device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steering: a given glyph's cousins, and a morph between two glyphs. Glyphs come in as (1, C, S, S) in [0, 1],
+# ink bright (data.glyph / 255).
+
+# variations(): at strength 1 the latents stray by this many posterior standard deviations. A beta-0.1 VAE's
+# posterior is narrow: within a few of its deviations every decode is the same glyph (docs/steering.md).
+SPREAD = 30.0
+
+
+@torch.no_grad()
+def variations(net, cfg, x0, n=16, strength=0.5, seed=0, device="cpu"):
+    """n decodes of latents drawn around the glyph's posterior, z = mu + strength * SPREAD * sigma * eps, eps ~
+    N(0, I): strength near 0 gives its reconstruction, larger ones stray further."""
+    if not 0 < strength <= 1:
+        raise data.GanjiError(f"--strength must be in (0, 1], got {strength}")
+    mu, logvar = net.encode(x0.float().to(device, memory_format=layout(cfg)))
+    eps = torch.randn(n, cfg["latent_dim"], generator=torch.Generator().manual_seed(seed))
+    return decode(net, mu.cpu() + strength * SPREAD * (0.5 * logvar.cpu()).exp() * eps, device)
+
+
+@torch.no_grad()
+def morph(net, cfg, xa, xb, frames=16, device="cpu"):
+    """(frames, C, S, S) in [0, 1]: the decodes along the straight line between the two glyphs' latent means."""
+    mu = net.encode(torch.cat([xa, xb]).float().to(device, memory_format=layout(cfg)))[0].cpu()
+    return decode(net, data.latent_morph(mu[:1], mu[1:], frames, spherical=False), device)
 
 
 if __name__ == "__main__":
