@@ -233,6 +233,17 @@ def test_ddim_all_steps_eta1_follows_ancestral_sampler():
     assert (ddim0 - anc).abs().max() > 1e-2  # and the comparison is not vacuous
 
 
+def test_bf16_sampling_draws_the_fp32_pictures_within_rounding(monkeypatch):
+    """Where the DDPM samples in bf16 (data.sampling_precision), it draws the fp32 images up to bf16's rounding."""
+    cfg = tiny_cfg(timesteps=100)
+    net = randomized_net(cfg, seed=2)
+    fp32 = ddpm.sample(net, cfg, 8, seed=3, steps=10)
+    monkeypatch.setattr(ddpm.data, "sampling_precision", lambda device: "bf16")
+    bf16 = ddpm.sample(net, cfg, 8, seed=3, steps=10)
+    err = (bf16 - fp32).abs()
+    assert 0 < err.max() and err.mean() < 0.02, (err.mean(), err.max())
+
+
 class Oracle(torch.nn.Module):
     """The exact denoiser of a one-image dataset x*: eps = (x_t - sqrt(ab_t) x*) / sqrt(1 - ab_t) (or its v)."""
 
