@@ -3,6 +3,7 @@
     python bench.py --quick          # under a minute on a 2-core CPU: small configs, fewer repeats
     python bench.py                  # the full table in the README (about 20 minutes on a 2-core CPU)
     python bench.py --device cuda --out bench_gpu
+    python bench.py --grids          # only the seconds per 4x4 grid of each shipped file, as sample.py draws it
 
 Every figure is the median of several timed repeats after warm-up. Each training configuration runs
 in its own child process, so its peak memory (RSS on CPU, allocator peak on CUDA) is its own. On a CPU it also
@@ -203,6 +204,31 @@ def sample_rows(kind, width, device, repeats, ddpm_samplers, data_dir):
     return rows
 
 
+def shipped_rows(models, device, repeats):
+    """Seconds for a 4x4 grid of each shipped file in pretrained/, with the sampler and guide its record recommends,
+    as `python sample.py` draws it (median of repeats after a warm-up grid). The DDPM is timed in fp32 and, where
+    data.sampling_precision picks it, in bf16 (bench swaps that function to time both)."""
+    import sample
+    rows = []
+    for kind in models:
+        path = os.path.join(sample.PRETRAINED, f"{kind}_kanji.pt")
+        mod, net, cfg = sample.load_any(kind, path, device)
+        flags = argparse.Namespace(ckpt=path, guide=None, guidance=None, guide_min_t=None, sampler=None, steps=None,
+                                   eta=0.0, prior=None)
+        opts, how, _ = sample.sampling(flags, mod, cfg, device)
+        default = data.sampling_precision(device)
+        for precision in sorted({"fp32", default}, key=lambda p: p != default) if kind == "ddpm" else ["fp32"]:
+            original, data.sampling_precision = data.sampling_precision, lambda d, p=precision: p
+            try:
+                t = median_time(lambda: sample.generate(mod, net, cfg, 16, 4, 0, device, **opts), device, repeats)
+            finally:
+                data.sampling_precision = original
+            rows.append({"file": os.path.basename(path), "sampling": how or "-", "precision": precision,
+                         "default": "yes" if kind != "ddpm" or precision == default else "no",
+                         "s_per_4x4_grid": t})
+    return rows
+
+
 def cpu_name():
     """The CPU's model name ("AMD EPYC", ...) where the OS tells it, else the architecture."""
     try:
@@ -247,6 +273,8 @@ def get_parser():
     p.add_argument("--processes", default="1,2",
                    help="on a CPU, also time one training step (first model, first width) on each of these numbers "
                         "of processes under torchrun, gloo; empty = skip (default: %(default)s)")
+    p.add_argument("--grids", action="store_true",
+                   help="only time a 4x4 grid of each shipped file at its recommended sampler (about a minute)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one training row, as JSON
     p.add_argument("--ddp-row", default=None, help=argparse.SUPPRESS)  # internal: one rank of a torchrun row
     return p
@@ -273,6 +301,13 @@ def main(argv=None):
     result = {"machine": machine, "device": device.type, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
     print(f"GANji bench on {machine} ({device.type}), torch {torch.__version__}", flush=True)
+    head = f"GANji bench: {machine} ({device.type}), torch {torch.__version__}, {result['date']}"
+    result["shipped"] = shipped_rows(models, device, args.repeats + 2)
+    shipped = ["Shipped files: seconds per 4x4 grid at the sampler each file's record recommends", "",
+               table(result["shipped"], ["file", "sampling", "precision", "default", "s_per_4x4_grid"]), ""]
+    print(json.dumps(result["shipped"]), flush=True)
+    if args.grids:
+        return write(args, result, [head + " (grids)", "", *shipped])
 
     result["peak"] = bench_peak(device, 1024 if args.quick else 2048, args.repeats + 2)
     print("peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak"].items()), flush=True)
@@ -313,8 +348,7 @@ def main(argv=None):
     ddp = ["torchrun on the CPU (gloo): one training step of the global batch on N processes", "",
            table(result["ddp"], ["model", "width", "precision", "processes", "threads", "batch", "s_per_step",
                                  "img_per_s", "error"]), ""] if result["ddp"] else []
-    md = [f"GANji bench: {machine} ({device.type}), torch {torch.__version__}, {result['date']}"
-          + (" (quick)" if args.quick else ""), "",
+    md = [head + (" (quick)" if args.quick else ""), "", *shipped,
           "Peak GFLOP/s (share_of_peak is against the higher of matmul and conv3x3): "
           + ", ".join(f"{k} {v:.0f}" for k, v in result["peak"].items() if " " in k), "",
           table([result["data"]], list(result["data"])), "",
@@ -322,6 +356,11 @@ def main(argv=None):
                                   "s_per_step", "img_per_s", "gflop_per_img", "gflops", "share_of_peak",
                                   "peak_mem_MB", "error"]), "", *ddp,
           table(result["sample"], ["model", "width", "sampler", "steps", "s_per_4x4_grid"])]
+    write(args, result, md)
+
+
+def write(args, result, md):
+    """OUT/bench.md (the tables, also printed) and OUT/bench.json (every number)."""
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write("\n".join(md) + "\n")

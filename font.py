@@ -103,7 +103,8 @@ def summary(report):
     """write_font's report as one line for people."""
     cps = [c for c in report["codepoints"] if c]
     return (f"{report['written']} glyphs at U+{cps[0]:04X}-U+{cps[-1]:04X}, {report['dropped']} dropped (speckle "
-            f"rule), {report['seconds']:.1f} s; specimen {report['specimen']}, list {report['listing']}")
+            f"rule), traced and written in {report['seconds']:.1f} s; specimen {report['specimen']}, "
+            f"list {report['listing']}")
 
 
 def write_font(images, cfg, out_path, family, model_file, font=None):

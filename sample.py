@@ -20,6 +20,7 @@ import datetime
 import importlib
 import os
 import sys
+import time
 
 import torch
 
@@ -390,6 +391,7 @@ def main(argv=None):
         bar = bar or tqdm(total=total, desc=f"{mod.KIND} {how}", unit="step")
         bar.update(i - bar.n)
 
+    start = time.perf_counter()
     if args.like is not None or args.source is not None:
         what = "variations" if args.like is not None else "completions" if args.keep is not None else "morph"
         images, _ = steer(mod, net, cfg, args.n, args.seed, device, args.like, args.keep, args.source, args.to,
@@ -399,10 +401,11 @@ def main(argv=None):
         images = generate(mod, net, cfg, args.n, nrow, args.seed, device, args.interpolate, progress, **opts)
     if bar:
         bar.close()
+    drawn = f"{len(images)} images drawn in {time.perf_counter() - start:.1f} s"
     if args.command == "font":
         import font
         report = font.write_font(images, cfg, args.out, args.name, os.path.basename(args.ckpt))
-        print(f"wrote {args.out}: {font.summary(report)}")
+        print(f"{drawn}; wrote {args.out}: {font.summary(report)}")
         return
     name = f"{what}_seed{args.seed}.png"
     folder = os.path.dirname(os.path.abspath(args.ckpt))
@@ -413,7 +416,7 @@ def main(argv=None):
         os.makedirs(args.each, exist_ok=True)
         for i, img in enumerate(images):
             save_image(data.to_picture(img, cfg["display_invert"]), os.path.join(args.each, f"{i:04d}.png"))
-    print(f"wrote {out}" + (f" and {len(images)} images in {args.each}" if args.each else ""))
+    print(f"{drawn}; wrote {out}" + (f" and each image in {args.each}" if args.each else ""))
 
 
 if __name__ == "__main__":

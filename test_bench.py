@@ -39,3 +39,14 @@ def test_bench_cli_writes_table_and_json(data_dir, tmp_path):
     assert "| vae | 0.125 | bf16 |" in table
     assert table == r.stdout[r.stdout.index("GANji bench:"):].rsplit("wrote", 1)[0]
     assert "| vae | 0.125 | fp32 | 2 | 1 | 4 |" in table  # 2 processes of 1 thread (OMP_NUM_THREADS=1 here)
+    assert [(row["file"], row["precision"]) for row in result["shipped"]] == [("vae_kanji.pt", "fp32")]
+
+
+def test_bench_grids_times_each_shipped_file_as_sample_py_draws_it(tmp_path):
+    out = tmp_path / "grids"
+    r = run_cli("bench.py", "--grids", "--models", "gan,vae", "--repeats", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(out / "bench.json"))
+    assert [row["file"] for row in result["shipped"]] == ["gan_kanji.pt", "vae_kanji.pt"]
+    assert all(row["s_per_4x4_grid"] > 0 and row["default"] == "yes" for row in result["shipped"])
+    assert "train" not in result and "| vae_kanji.pt | gmm prior | fp32 | yes |" in (out / "bench.md").read_text()
