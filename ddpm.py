@@ -35,7 +35,7 @@ SAMPLERS = ("ddim", "dpm++2m", "ancestral")
 # The sampling defaults, in one place: sample.py, the window and evaluate.py read them (a slim file's record may
 # recommend its own sampler and guide, which they prefer). The steering defaults: docs/steering.md.
 SAMPLER, STEPS, GUIDANCE = "dpm++2m", 20, 2.0
-STRENGTH = 0.5          # edit(): how much of the noise schedule a variation goes back through
+STRENGTH = 0.55         # edit(): how much of the noise schedule a variation goes back through
 RESAMPLE, JUMP = 3, 5   # inpaint(): RePaint's resamplings and the length of each jump, in sampler moves
 # the size-dependent training defaults, (at --width <= data.WIDE, above it): the CPU recipe, then the reference's
 BATCH_SIZE, LR = (32, 64), (1e-3, 5e-4)

@@ -543,22 +543,20 @@ def steering(args, ref, ds, device):
     pick = torch.randperm(len(ds.images), generator=g)[:args.sources]
     x0 = (ds.images[pick].float() / 255).repeat_interleave(args.per, 0)  # (sources * per, 1, S, S)
     n = len(x0)
-    ddpm_opts = sample.pick(mod, opts, ("sampler", "steps", "eta", "guide", "guidance", "guide_min_t"))
-    rows = [("free samples", None, lambda: mod.sample(net, cfg, n, args.seed, device, **ddpm_opts)
-             if mod.KIND == "ddpm" else mod.sample(net, cfg, n, args.seed, device))]
+    kw = dict(batch_size=args.batch_size, **sample.pick(mod, opts, ("sampler", "steps", "eta", "guide", "guidance",
+                                                                 "guide_min_t"))) if mod.KIND == "ddpm" else {}
+    vary = mod.edit if mod.KIND == "ddpm" else lambda net, cfg, x0, s, *a: mod.variations(net, cfg, x0, n, s, *a[1:])
+    rows = [("free samples", None, lambda: mod.sample(net, cfg, n, args.seed, device, **kw))]
     for s in (float(v) for v in args.strengths.split(",")):
-        rows.append((f"variations, strength {s:g}", None, lambda s=s: mod.edit(net, cfg, x0, s, n, args.seed, device,
-                                                                              **ddpm_opts)
-                     if mod.KIND == "ddpm" else mod.variations(net, cfg, x0, n, s, args.seed, device)))
+        rows.append((f"variations, strength {s:g}", None, lambda s=s: vary(net, cfg, x0, s, n, args.seed, device, **kw)))
     for name in args.masks.split(",") if mod.KIND == "ddpm" and args.masks else []:
         keep = sample.keep_mask(name, cfg["image_size"])
         rows.append((f"completions, keep {name}", keep, lambda keep=keep: mod.inpaint(
             net, cfg, x0, keep, n, args.seed, device, resample=args.resample or ddpm.RESAMPLE,
-            jump=args.jump or ddpm.JUMP, **ddpm_opts)))
+            jump=args.jump or ddpm.JUMP, **kw)))
     print(f"{mod.KIND} {args.ckpt}, {how or 'its sampler'}; {args.sources} kanji x {args.per} samples, seed {args.seed}")
-    print(TABLE_HEAD.replace("| images |", "| steering |").replace(" |\n", " | IoU to source, median | source copies | "
-                                                                 "kept IoU, median | seconds |\n", 1)
-          .replace("| --- |\n", "| --- | --- | --- | --- | --- |\n"))
+    head, rule = TABLE_HEAD.replace("| images |", "| steering |").split("\n")
+    print(f"{head} IoU to source, median | source copies | kept IoU, median | seconds |\n{rule}{' --- |' * 4}")
     results = []
     for name, keep, draw in rows:
         t0 = time.time()
