@@ -37,7 +37,7 @@ def one_thread():
 def fp32_sampling():
     """The DDPM samples in bf16 on CPUs with native bf16 (data.sampling_precision), which would make the tests
     that check the samplers' math exactly depend on the machine; in this process it samples in fp32 everywhere,
-    session fixtures included. test_ddpm.py's bf16 test asks for bf16 explicitly."""
+    the run folders that fixtures share included. test_ddpm.py's bf16 test asks for bf16 explicitly."""
     import data
     with pytest.MonkeyPatch.context() as m:
         m.setattr(data, "sampling_precision", lambda device: "fp32")
