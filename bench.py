@@ -1,11 +1,12 @@
 """Measure how fast GANji trains and samples on this machine, against the machine's own matmul and conv peak.
 
     python bench.py --quick          # under a minute on a 2-core CPU: small configs, fewer repeats
-    python bench.py                  # the full table in the README (about 20 minutes on a 2-core CPU)
+    python bench.py                  # the full table of docs/bench.md (about 20 minutes on a 2-core CPU)
     python bench.py --device cuda --out bench_gpu
     python bench.py --grids          # only the seconds per 4x4 grid of each shipped file, as sample.py draws it
 
-Every figure is the median of several timed repeats after warm-up. Each training configuration runs
+Every figure is the median of several timed repeats after warm-up. Each model and width trains in fp32, in bf16
+and in what --precision auto settles on in a fresh run here (timed afresh). Each training configuration runs
 in its own child process, so its peak memory (RSS on CPU, allocator peak on CUDA) is its own. On a CPU it also
 times one training step on 1 and on 2 processes under torchrun (gloo), each count its own torchrun job.
 Writes OUT/bench.md (the table) and OUT/bench.json (every number).
@@ -19,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -125,9 +127,13 @@ def train_row(kind, width, precision, channels_last, compile, batch, data_dir, d
     argv += ["--compile"] * compile + ["--channels-last" if channels_last else "--no-channels-last"]
     argv += ["--data-dir", data_dir]
     cfg = mod.config_from_args(mod.get_parser().parse_args(argv))
+    images = data.load_dataset("kanji", limit=batch, data_dir=data_dir, progress=False).images
+    if precision == "auto":  # what a fresh run would settle on here, timed afresh rather than read from a cache
+        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()
+        cfg["precision"] = data.resolve_precision(
+            cfg, device, images, mod.NORM, lambda p: mod.Trainer({**cfg, "precision": p, "compile": False}, device))
     torch.manual_seed(0)
     trainer = mod.Trainer(cfg, device)
-    images = data.load_dataset("kanji", limit=batch, data_dir=data_dir, progress=False).images
     x = data.normalize(images, mod.NORM).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -140,6 +146,7 @@ def train_row(kind, width, precision, channels_last, compile, batch, data_dir, d
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     built = mod.build(cfg)  # the trained networks (gan: G and D), not the EMA copy
     nets = built if isinstance(built, tuple) else (built,)
+    precision = f"auto: {cfg['precision']}" if precision == "auto" else precision
     return {"model": kind, "width": width, "precision": precision, "channels_last": channels_last,
             "compile": compile, "batch": batch, "params_M": sum(p.numel() for m in nets for p in m.parameters()) / 1e6,
             "s_per_step": seconds, "img_per_s": batch / seconds, "gflop_per_img": flops / batch / 1e9,
@@ -320,7 +327,7 @@ def main(argv=None):
     layout = {k: importlib.import_module(k).get_parser().get_default("channels_last") for k in models}
     spec = dict(batch=args.batch_size, data_dir=args.data_dir)
     specs = [dict(kind=k, width=w, precision=pr, channels_last=layout[k], compile=False, **spec)
-             for k in models for w in widths for pr in ("fp32", "bf16")]  # each script's default layout
+             for k in models for w in widths for pr in ("fp32", "bf16", "auto")]  # each script's default layout
     if not args.quick:  # the other layout, and compile, in bf16 at both widths
         specs += [dict(kind=k, width=w, precision="bf16", channels_last=cl, compile=co, **spec)
                   for k in models for w in widths for cl, co in ((not layout[k], False), (layout[k], True))]
@@ -328,7 +335,7 @@ def main(argv=None):
     for spec in specs:
         row = child(args, spec)
         if "gflops" in row:
-            row["share_of_peak"] = row["gflops"] / result["peak"][row["precision"]]
+            row["share_of_peak"] = row["gflops"] / result["peak"][row["precision"].split()[-1]]
         result["train"].append(row)
         print(json.dumps(row), flush=True)
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the test files: the render cache, one thread, running a CLI, the in-step Ctrl-C,
+"""Helpers shared by the test files: the render cache, one thread, a cache folder of their own, running a CLI, the in-step Ctrl-C,
 comparing checkpoints, and the tiny run every model test trains."""
 import os
 import pickle
@@ -31,6 +31,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_cache(tmp_path_factory):
+    """--precision auto keeps its timings under $XDG_CACHE_HOME: the tests and the scripts they run keep theirs in
+    a folder of their own, never in the user's."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

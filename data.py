@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -436,7 +437,7 @@ def add_common_args(parser, *, epochs, batch_size, lr, doc=None, channels_last=T
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="bf16 autocast or fp32; auto: bf16 on a CUDA GPU that has it, else fp32 (default: %(default)s)")
+                   help="bf16 autocast or fp32; auto: the faster here, timed once (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
                    help=f"NHWC memory layout (default: {'on' if channels_last else 'off'}, the faster on a CPU; "
@@ -558,14 +559,77 @@ def keep_freed_memory():
 
 
 def use_bf16(device, precision):
-    """Whether --precision means bf16 autocast on this device. auto: bf16 on a CUDA GPU that has it, fp32 on a CPU.
-
-    On CPUs bf16 was a gamble even where oneDNN reports it native: faster on one CPU with AVX-512 BF16, slower on
-    another, and far slower where it is emulated (AVX2), while fp32 was never the slow one by much (measured,
-    docs/bench.md); so a CPU trains in fp32 unless told --precision bf16."""
+    """Whether --precision means bf16 autocast on this device. A training run settles auto before its first step
+    (resolve_precision); auto left as it is, as in a run recorded before that, means bf16 on a CUDA GPU that has
+    it and fp32 on a CPU."""
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16" and device.type in ("cpu", "cuda")
+
+
+SMALL_STEP = 0.05  # seconds: an fp32 step shorter than this stays fp32, too short to time bf16 against reliably
+
+
+def precision_cache():
+    """The file where resolve_precision keeps its timings: $XDG_CACHE_HOME/ganji/precision.json."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "ganji", "precision.json")
+
+
+def resolve_precision(cfg, device, images, norm, make_trainer):
+    """cfg["precision"] of a fresh training run -> "bf16" or "fp32", which the run records and keeps on --resume.
+
+    auto: bf16 on a CUDA GPU that has it. On a CPU with native bf16 whichever trains faster here: that depends on
+    the CPU and the width, not on a rule one can write down (docs/bench.md), so both are timed once per machine,
+    torch version and configuration, on a throwaway make_trainer(precision) and a batch of images, and the
+    timings are kept in precision_cache(). fp32 on every other device, under torchrun on a CPU (the ranks must
+    agree), and where an fp32 step is under SMALL_STEP."""
+    if cfg["precision"] != "auto":
+        return cfg["precision"]
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type != "cpu" or not native_bf16() or world_size() > 1:
+        return "fp32"
+    path = precision_cache()
+    key = (f"{machine(device)}; torch {torch.__version__}; {cfg['kind']} width {cfg['width']:g} batch "
+           f"{cfg['batch_size']} {cfg['channels']}x{cfg['image_size']}x{cfg['image_size']} channels_last "
+           f"{cfg['channels_last']}")
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        x = normalize(images[:cfg["batch_size"]], norm).to(device)
+        x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
+        times = {"fp32": step_seconds(lambda: make_trainer("fp32"), x)}
+        if times["fp32"] >= SMALL_STEP:
+            times["bf16"] = step_seconds(lambda: make_trainer("bf16"), x)
+        cache[key] = times
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"  # as in atomic_save
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    times = cache[key]
+    choice = min(times, key=times.get)
+    print(f"--precision auto: {choice} (seconds a step: "
+          + ", ".join(f"{p} {t:.3f}" for p, t in sorted(times.items())) + f"; timed once, kept in {path})")
+    return choice
+
+
+def step_seconds(make_trainer, x, warmup=2, repeats=3):
+    """Median seconds of a training step on batch x, of a throwaway trainer built by make_trainer(); the random
+    state is left as it was, so the run draws what it would have drawn without the timing."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        trainer, times = make_trainer(), []
+        for _ in range(warmup + repeats):
+            t0 = time.perf_counter()
+            trainer.step(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - t0)
+    return sorted(times[warmup:])[repeats // 2]
 
 
 def autocast(device, precision="auto"):

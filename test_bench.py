@@ -30,7 +30,9 @@ def test_bench_cli_writes_table_and_json(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.load(open(out / "bench.json"))
     assert {"fp32 matmul", "fp32 conv3x3", "bf16 matmul", "bf16 conv3x3"} <= set(result["peak"])
-    assert [(row["precision"], row["channels_last"]) for row in result["train"]] == [("fp32", True), ("bf16", True)]
+    precisions = [(row["precision"], row["channels_last"]) for row in result["train"]]
+    assert precisions[:2] == [("fp32", True), ("bf16", True)]
+    assert precisions[2] in {("auto: fp32", True), ("auto: bf16", True)}  # what a fresh run here settles on
     assert all(row["s_per_step"] > 0 and 0 < row["share_of_peak"] for row in result["train"])
     assert result["sample"][0]["model"] == "vae" and result["sample"][0]["s_per_4x4_grid"] > 0
     assert [(row["processes"], row["batch"]) for row in result["ddp"]] == [(1, 4), (2, 4)]  # torchrun, gloo

@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import shlex
+import time
 
 import pytest
 import torch
@@ -180,11 +181,76 @@ def test_channels_last_flag_sets_the_layout(kind, default, data_dir):
         assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
 
 
-def test_precision_auto_is_fp32_on_a_cpu():
+def test_precision_auto_left_unsettled_is_fp32_on_a_cpu():
     cpu = torch.device("cpu")
-    assert not data.use_bf16(cpu, "auto")
+    assert not data.use_bf16(cpu, "auto")  # a run recorded before auto was settled at its start
     assert data.use_bf16(cpu, "bf16") and not data.use_bf16(cpu, "fp32")
     assert not data.use_bf16(torch.device("mps"), "bf16")
+
+
+class Sleeper:
+    """A trainer whose step takes the given seconds."""
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def step(self, x):
+        time.sleep(self.seconds)
+
+
+AUTO_CFG = {"precision": "auto", "kind": "gan", "width": 0.25, "batch_size": 2, "channels": 1, "image_size": 8,
+            "channels_last": False}
+
+
+def resolve(make_trainer, **cfg):
+    return data.resolve_precision({**AUTO_CFG, **cfg}, torch.device("cpu"), torch.zeros(2, 1, 8, 8, dtype=torch.uint8),
+                                  "11", make_trainer)
+
+
+def test_auto_times_each_precision_once_per_configuration_and_keeps_the_faster(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "native_bf16", lambda: True)
+    made = []
+    make = lambda p: made.append(p) or Sleeper({"fp32": 0.1, "bf16": 0.02}[p])
+    assert resolve(make) == "bf16" and made == ["fp32", "bf16"]
+    assert resolve(make) == "bf16" and made == ["fp32", "bf16"]  # kept: nothing timed again
+    assert "--precision auto: bf16" in capsys.readouterr().out
+    slow_bf16 = lambda p: made.append(p) or Sleeper({"fp32": 0.06, "bf16": 0.2}[p])
+    assert resolve(slow_bf16, width=1.0) == "fp32" and made[2:] == ["fp32", "bf16"]  # another width, timed anew
+    assert len(json.load(open(tmp_path / "ganji" / "precision.json"))) == 2
+
+
+def test_auto_is_fp32_without_native_bf16_and_for_steps_too_short_to_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "native_bf16", lambda: False)  # an AVX2 CPU, where bf16 is emulated
+    assert resolve(lambda p: pytest.fail("nothing is timed")) == "fp32"
+    assert resolve(lambda p: pytest.fail("nothing is timed"), precision="bf16") == "bf16"  # asked for: kept
+    monkeypatch.setattr(data, "native_bf16", lambda: True)
+    made = []
+    assert resolve(lambda p: made.append(p) or Sleeper(0)) == "fp32" and made == ["fp32"]
+
+
+def test_timing_a_step_leaves_the_random_state_as_it_was():
+    class Draws:
+        def step(self, x):
+            torch.rand(3)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    data.step_seconds(lambda: Draws(), torch.zeros(1))
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fresh_run_records_what_auto_chose_and_a_resume_keeps_it(kind, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "native_bf16", lambda: True)
+    monkeypatch.setattr(data, "step_seconds", lambda make, x: {"fp32": 1.0, "bf16": 0.5}[make().cfg["precision"]])
+    mod = importlib.import_module(kind)
+    mod.main(tiny_args(data_dir, tmp_path / "run", "--epochs", "1", "--sample-every", "5", "--precision", "auto"))
+    assert saved(tmp_path / "run" / "ckpt.pt")["config"]["precision"] == "bf16"
+    monkeypatch.setattr(data, "step_seconds", lambda make, x: pytest.fail("a resumed run times nothing"))
+    mod.main(["--out", str(tmp_path / "run"), "--resume", "--data-dir", data_dir, "--epochs", "2"])
+    assert saved(tmp_path / "run" / "ckpt.pt")["config"]["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("kind", KINDS)
