@@ -606,15 +606,19 @@ def resolve_precision(cfg, device, images, norm, make_trainer):
         if times["fp32"] >= SMALL_STEP:
             times["bf16"] = step_seconds(lambda: make_trainer("bf16"), x)
         cache[key] = times
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"  # as in atomic_save
-        with open(tmp, "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, path)
+        try:  # a cache that cannot be written only means timing again next time
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"  # as in atomic_save
+            with open(tmp, "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(tmp, path)
+        except OSError:
+            path = None
     times = cache[key]
     choice = min(times, key=times.get)
     print(f"--precision auto: {choice} (seconds a step: "
-          + ", ".join(f"{p} {t:.3f}" for p, t in sorted(times.items())) + f"; timed once, kept in {path})")
+          + ", ".join(f"{p} {t:.3f}" for p, t in sorted(times.items()))
+          + (f"; timed once, kept in {path})" if path else f"; {precision_cache()} cannot be written)"))
     return choice
 
 

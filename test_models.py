@@ -229,6 +229,14 @@ def test_auto_is_fp32_without_native_bf16_and_for_steps_too_short_to_time(tmp_pa
     assert resolve(lambda p: made.append(p) or Sleeper(0)) == "fp32" and made == ["fp32"]
 
 
+def test_auto_still_chooses_where_its_cache_cannot_be_written(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the cache folder would be
+    monkeypatch.setattr(data, "native_bf16", lambda: True)
+    assert resolve(lambda p: Sleeper({"fp32": 0.1, "bf16": 0.02}[p])) == "bf16"
+    assert "cannot be written" in capsys.readouterr().out
+
+
 def test_timing_a_step_leaves_the_random_state_as_it_was():
     class Draws:
         def step(self, x):
