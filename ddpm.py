@@ -7,8 +7,8 @@
 
 Training: pick a random step t, noise a clean batch in one shot with q(x_t | x_0), and teach the U-Net to
 predict v = sqrt(ab) eps - sqrt(1 - ab) x0 (or the noise eps) with an MSE loss. Sampling walks back from pure
-noise: `ancestral` is the full T-step DDPM reverse process; `ddim` (50 steps by default) and `dpm++2m` (a
-second-order solver of the same ODE, good in 8-20 steps) skip steps with the same trained network, and any
+noise: `ancestral` is the full T-step DDPM reverse process; `ddim` and `dpm++2m` (a
+second-order solver of the same ODE, the default: SAMPLER, STEPS) skip steps with the same trained network, and any
 of them can be guided by a weaker checkpoint of the same run (autoguidance, Karras et al. 2024).
 The diffusion math lives in small functions below so the tests can check each against its formula.
 
