@@ -129,9 +129,9 @@ def train_row(kind, width, precision, channels_last, compile, batch, data_dir, d
     cfg = mod.config_from_args(mod.get_parser().parse_args(argv))
     images = data.load_dataset("kanji", limit=batch, data_dir=data_dir, progress=False).images
     if precision == "auto":  # what a fresh run would settle on here, timed afresh rather than read from a cache
-        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()
-        cfg["precision"] = data.resolve_precision(
-            cfg, device, images, mod.NORM, lambda p: mod.Trainer({**cfg, "precision": p, "compile": False}, device))
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["XDG_CACHE_HOME"] = cache
+            cfg["precision"] = data.resolve_precision(cfg, device, images, mod.NORM, mod.Trainer)
     torch.manual_seed(0)
     trainer = mod.Trainer(cfg, device)
     x = data.normalize(images, mod.NORM).to(device)

@@ -1,5 +1,5 @@
-"""Helpers shared by the test files: the render cache, one thread, a cache folder of their own, running a CLI, the in-step Ctrl-C,
-comparing checkpoints, and the tiny run every model test trains."""
+"""Helpers shared by the test files: the render cache, one thread, a cache folder of their own, running a CLI,
+the in-step Ctrl-C, comparing checkpoints, and the tiny run every model test trains."""
 import os
 import pickle
 import signal

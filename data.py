@@ -576,14 +576,14 @@ def precision_cache():
     return os.path.join(root, "ganji", "precision.json")
 
 
-def resolve_precision(cfg, device, images, norm, make_trainer):
+def resolve_precision(cfg, device, images, norm, Trainer):
     """cfg["precision"] of a fresh training run -> "bf16" or "fp32", which the run records and keeps on --resume.
 
     auto: bf16 on a CUDA GPU that has it. On a CPU with native bf16 whichever trains faster here: that depends on
     the CPU and the width, not on a rule one can write down (docs/bench.md), so both are timed once per machine,
-    torch version and configuration, on a throwaway make_trainer(precision) and a batch of images, and the
-    timings are kept in precision_cache(). fp32 on every other device, under torchrun on a CPU (the ranks must
-    agree), and where an fp32 step is under SMALL_STEP."""
+    torch version and configuration, on a throwaway Trainer(cfg in that precision, uncompiled, device) of the
+    script and a batch of images, and the timings are kept in precision_cache(). fp32 on every other device,
+    under torchrun on a CPU (the ranks must agree), and where an fp32 step is under SMALL_STEP."""
     if cfg["precision"] != "auto":
         return cfg["precision"]
     if device.type == "cuda":
@@ -602,9 +602,10 @@ def resolve_precision(cfg, device, images, norm, make_trainer):
     if key not in cache:
         x = normalize(images[:cfg["batch_size"]], norm).to(device)
         x = x.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x
-        times = {"fp32": step_seconds(lambda: make_trainer("fp32"), x)}
+        make = lambda p: Trainer({**cfg, "precision": p, "compile": False}, device)
+        times = {"fp32": step_seconds(lambda: make("fp32"), x)}
         if times["fp32"] >= SMALL_STEP:
-            times["bf16"] = step_seconds(lambda: make_trainer("bf16"), x)
+            times["bf16"] = step_seconds(lambda: make("bf16"), x)
         cache[key] = times
         try:  # a cache that cannot be written only means timing again next time
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -413,8 +413,7 @@ def main(argv=None):
     ds = data.data_from_args(args, progress=rank == 0)
     cfg = config_from_args(args, ds)
     if not ckpt:  # a fresh run settles --precision auto (timed once per machine); a resumed one keeps its own
-        cfg["precision"] = data.resolve_precision(cfg, device, ds.images, NORM,
-                                                  lambda p: Trainer({**cfg, "precision": p, "compile": False}, device))
+        cfg["precision"] = data.resolve_precision(cfg, device, ds.images, NORM, Trainer)
     torch.manual_seed(cfg["seed"])  # weight init
     trainer = Trainer(cfg, device)
     epoch, batch, seconds = 0, 0, 0.0  # completed epochs, batches done in the epoch under way, training time

@@ -548,13 +548,15 @@ def steering(args, ref, ds, device):
     vary = mod.edit if mod.KIND == "ddpm" else lambda net, cfg, x0, s, *a: mod.variations(net, cfg, x0, n, s, *a[1:])
     rows = [("free samples", None, lambda: mod.sample(net, cfg, n, args.seed, device, **kw))]
     for s in (float(v) for v in args.strengths.split(",")):
-        rows.append((f"variations, strength {s:g}", None, lambda s=s: vary(net, cfg, x0, s, n, args.seed, device, **kw)))
+        rows.append((f"variations, strength {s:g}", None,
+                     lambda s=s: vary(net, cfg, x0, s, n, args.seed, device, **kw)))
     for name in args.masks.split(",") if mod.KIND == "ddpm" and args.masks else []:
         keep = sample.keep_mask(name, cfg["image_size"])
         rows.append((f"completions, keep {name}", keep, lambda keep=keep: mod.inpaint(
             net, cfg, x0, keep, n, args.seed, device, resample=args.resample or ddpm.RESAMPLE,
             jump=args.jump or ddpm.JUMP, **kw)))
-    print(f"{mod.KIND} {args.ckpt}, {how or 'its sampler'}; {args.sources} kanji x {args.per} samples, seed {args.seed}")
+    print(f"{mod.KIND} {args.ckpt}, {how or 'its sampler'}; {args.sources} kanji x {args.per} samples, "
+          f"seed {args.seed}")
     head, rule = TABLE_HEAD.replace("| images |", "| steering |").split("\n")
     print(f"{head} IoU to source, median | source copies | kept IoU, median | seconds |\n{rule}{' --- |' * 4}")
     results = []

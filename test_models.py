@@ -188,33 +188,36 @@ def test_precision_auto_left_unsettled_is_fp32_on_a_cpu():
     assert not data.use_bf16(torch.device("mps"), "bf16")
 
 
-class Sleeper:
-    """A trainer whose step takes the given seconds."""
-    def __init__(self, seconds):
-        self.seconds = seconds
+def sleeper(seconds, made):
+    """A Trainer class whose step sleeps seconds[its precision]; each precision it is built in goes to made."""
+    class Sleeper:
+        def __init__(self, cfg, device):
+            self.precision = cfg["precision"]
+            made.append(self.precision)
 
-    def step(self, x):
-        time.sleep(self.seconds)
+        def step(self, x):
+            time.sleep(seconds[self.precision])
+    return Sleeper
 
 
 AUTO_CFG = {"precision": "auto", "kind": "gan", "width": 0.25, "batch_size": 2, "channels": 1, "image_size": 8,
             "channels_last": False}
 
 
-def resolve(make_trainer, **cfg):
-    return data.resolve_precision({**AUTO_CFG, **cfg}, torch.device("cpu"), torch.zeros(2, 1, 8, 8, dtype=torch.uint8),
-                                  "11", make_trainer)
+def resolve(Trainer, **cfg):
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    return data.resolve_precision({**AUTO_CFG, **cfg}, torch.device("cpu"), images, "11", Trainer)
 
 
 def test_auto_times_each_precision_once_per_configuration_and_keeps_the_faster(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(data, "native_bf16", lambda: True)
     made = []
-    make = lambda p: made.append(p) or Sleeper({"fp32": 0.1, "bf16": 0.02}[p])
-    assert resolve(make) == "bf16" and made == ["fp32", "bf16"]
-    assert resolve(make) == "bf16" and made == ["fp32", "bf16"]  # kept: nothing timed again
+    fast_bf16 = sleeper({"fp32": 0.1, "bf16": 0.02}, made)
+    assert resolve(fast_bf16) == "bf16" and made == ["fp32", "bf16"]
+    assert resolve(fast_bf16) == "bf16" and made == ["fp32", "bf16"]  # kept: nothing timed again
     assert "--precision auto: bf16" in capsys.readouterr().out
-    slow_bf16 = lambda p: made.append(p) or Sleeper({"fp32": 0.06, "bf16": 0.2}[p])
+    slow_bf16 = sleeper({"fp32": 0.06, "bf16": 0.2}, made)
     assert resolve(slow_bf16, width=1.0) == "fp32" and made[2:] == ["fp32", "bf16"]  # another width, timed anew
     assert len(json.load(open(tmp_path / "ganji" / "precision.json"))) == 2
 
@@ -222,18 +225,19 @@ def test_auto_times_each_precision_once_per_configuration_and_keeps_the_faster(t
 def test_auto_is_fp32_without_native_bf16_and_for_steps_too_short_to_time(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(data, "native_bf16", lambda: False)  # an AVX2 CPU, where bf16 is emulated
-    assert resolve(lambda p: pytest.fail("nothing is timed")) == "fp32"
-    assert resolve(lambda p: pytest.fail("nothing is timed"), precision="bf16") == "bf16"  # asked for: kept
-    monkeypatch.setattr(data, "native_bf16", lambda: True)
     made = []
-    assert resolve(lambda p: made.append(p) or Sleeper(0)) == "fp32" and made == ["fp32"]
+    instant = sleeper({"fp32": 0, "bf16": 0}, made)
+    assert resolve(instant) == "fp32" and made == []  # nothing timed
+    assert resolve(instant, precision="bf16") == "bf16" and made == []  # asked for: kept
+    monkeypatch.setattr(data, "native_bf16", lambda: True)
+    assert resolve(instant) == "fp32" and made == ["fp32"]
 
 
 def test_auto_still_chooses_where_its_cache_cannot_be_written(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the cache folder would be
     monkeypatch.setattr(data, "native_bf16", lambda: True)
-    assert resolve(lambda p: Sleeper({"fp32": 0.1, "bf16": 0.02}[p])) == "bf16"
+    assert resolve(sleeper({"fp32": 0.1, "bf16": 0.02}, [])) == "bf16"
     assert "cannot be written" in capsys.readouterr().out
 
 
